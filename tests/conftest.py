@@ -1,0 +1,39 @@
+"""Test setup: without a GPU, Triton kernels run on CPU tensors through Triton's interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit kernel is defined, so it is set here, before vaekernels
+is imported. With a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vaekernels as vk  # noqa: E402
+from vaekernels import _backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+FUSED_BACKENDS = [b for b in ("triton", "cuda") if _backend.availability(b)[0]]
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the CPU runs the interpreter twin of this test")
+
+# per-dtype tolerances (atol = rtol) for comparing a fused backend with the reference
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    before = vk.get_backend()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    vk.set_backend(before)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def assert_close(actual, expected, dtype=torch.float32, scale=1.0):
+    tol = TOL[dtype] * scale
+    torch.testing.assert_close(actual.float() if dtype != torch.float64 else actual,
+                               expected.float() if dtype != torch.float64 else expected,
+                               atol=tol, rtol=tol, equal_nan=True)

@@ -1,0 +1,87 @@
+"""Argument validation shared by every public entry point: one place for the error messages."""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
+DISTANCES = ("l2", "cosine")
+PRECISIONS = ("exact", "tf32", "bf16")
+ESTIMATORS = ("ste", "rotation")
+
+
+def float_tensor(name: str, t) -> torch.Tensor:
+    """`t` must be a floating-point tensor (float16, bfloat16, float32 or float64)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    return t
+
+
+def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
+def same_device(named: dict) -> None:
+    """All tensors in {name: tensor} (None entries ignored) must share one device."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def choice(name: str, value, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def channel_dim(dim, ndim: int, name: str = "dim") -> int:
+    """Normalise a possibly negative axis of a tensor with `ndim` dimensions."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions")
+    return dim % ndim
+
+
+def free_bits(value, reduction: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"free_bits must be a float, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"free_bits must be >= 0, got {value}")
+    if value > 0 and reduction != "batchmean":
+        raise ValueError(f"free_bits > 0 needs reduction='batchmean', got reduction={reduction!r}")
+    return float(value)
+
+
+def non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def codebook(cb, z: torch.Tensor, dim: int) -> torch.Tensor:
+    """The codebook must be a (K, D) float tensor with K >= 1 and D equal to z's size along `dim`."""
+    float_tensor("codebook", cb)
+    if cb.dim() != 2:
+        raise ValueError(f"codebook must be 2-D (num_codes, code_dim), got shape {tuple(cb.shape)}")
+    if cb.shape[0] == 0:
+        raise ValueError("codebook is empty: it needs at least one code")
+    if cb.shape[1] != z.shape[dim]:
+        raise ValueError(
+            f"codebook has code_dim {cb.shape[1]} but z has {z.shape[dim]} channels along dim={dim} (shape {tuple(z.shape)})"
+        )
+    same_device({"z": z, "codebook": cb})
+    return cb
+
+
+def latent(z, name: str = "z") -> torch.Tensor:
+    float_tensor(name, z)
+    if z.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the code dimension), got a 0-d tensor")
+    return z

@@ -1,0 +1,160 @@
+"""nn.Modules over the ops: VectorQuantizer (learned or EMA codebook, dead-code restarts, DDP sync),
+ResidualVectorQuantizer, and DiagonalGaussian (the posterior of a VAE encoder)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _checks
+from .ops.gaussian import gaussian_kl, reparameterize_kl
+from .ops.vq import VQResult, quantize_with_stats
+from .reference.vq import rows
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class VectorQuantizer(nn.Module):
+    """A VQ-VAE bottleneck: nearest code, straight-through (or rotation-trick) gradient, both losses.
+
+    ema=False: `codebook` is a Parameter trained by the codebook loss. ema=True (Sonnet's VectorQuantizerEMA):
+    `codebook` is a buffer updated in training from per-code counts and sums (all-reduced under
+    torch.distributed), with Laplace smoothing `eps`. `code_usage` counts rows per code since the last
+    restart or `reset_usage()`; `restart_dead_codes` re-seeds rarely used codes from the latest batch.
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, *, beta: float = 0.25, ema: bool = False, decay: float = 0.99,
+                 eps: float = 1e-5, distance: str = "l2", dim: int = -1, estimator: str = "ste",
+                 precision: str = "exact"):
+        super().__init__()
+        if num_codes < 1 or code_dim < 1:
+            raise ValueError(f"num_codes and code_dim must be >= 1, got {num_codes} and {code_dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        _checks.choice("distance", distance, _checks.DISTANCES)
+        _checks.choice("estimator", estimator, _checks.ESTIMATORS)
+        _checks.choice("precision", precision, _checks.PRECISIONS)
+        self.num_codes, self.code_dim, self.dim = num_codes, code_dim, dim
+        self.beta, self.ema, self.decay, self.eps = _checks.non_negative("beta", beta), ema, decay, eps
+        self.distance, self.estimator, self.precision = distance, estimator, precision
+        if ema:
+            self.register_buffer("codebook", torch.randn(num_codes, code_dim))
+            self.register_buffer("cluster_size", torch.zeros(num_codes))
+            self.register_buffer("embed_sum", self.codebook.clone())
+        else:
+            self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes))
+        self.register_buffer("code_usage", torch.zeros(num_codes), persistent=False)
+        self._last_batch: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, ema={self.ema}, "
+                f"distance={self.distance!r}, dim={self.dim}, estimator={self.estimator!r}")
+
+    def forward(self, z: Tensor) -> VQResult:
+        update = self.training and self.ema
+        result, counts, sums, searched = quantize_with_stats(
+            z, self.codebook, beta=self.beta, distance=self.distance, dim=self.dim, precision=self.precision,
+            estimator=self.estimator, with_sums=update)
+        if self.training:
+            self._observe(counts, sums if update else None)
+            if not torch.compiler.is_compiling():
+                self._last_batch = rows(searched.detach(), self.dim % z.dim())
+        return result
+
+    @torch.no_grad()
+    def _observe(self, counts: Tensor, sums: Tensor | None) -> None:
+        counts = counts.to(self.code_usage.dtype)
+        if _distributed():
+            dist.all_reduce(counts)
+            if sums is not None:
+                dist.all_reduce(sums)
+        self.code_usage.add_(counts)
+        if sums is None:
+            return
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums.to(self.embed_sum.dtype), alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+        self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+    def reset_usage(self) -> None:
+        self.code_usage.zero_()
+
+    @torch.no_grad()
+    def restart_dead_codes(self, threshold: float = 1.0, z: Tensor | None = None) -> int:
+        """Replace codes used fewer than `threshold` times since the last reset by random rows of `z`
+        (default: the latest training batch), then start a new usage window. Returns how many were replaced.
+        Under torch.distributed rank 0 chooses and broadcasts, so every rank keeps the same codebook."""
+        source = rows(z.detach(), self.dim % z.dim()) if z is not None else self._last_batch
+        if source is None or source.shape[0] == 0:
+            raise ValueError("restart_dead_codes needs a batch: pass z, or run a training forward first")
+        dead = (self.code_usage < threshold).nonzero().squeeze(1)
+        if dead.numel():
+            new = source[torch.randint(0, source.shape[0], (dead.numel(),), device=source.device)]
+            new = new.to(self.codebook.dtype)
+            if _distributed():
+                dist.broadcast(new, src=0)
+            self.codebook.data[dead] = new
+            if self.ema:
+                self.embed_sum[dead] = new
+                self.cluster_size[dead] = 1.0
+        self.reset_usage()
+        return int(dead.numel())
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Residual VQ (SoundStream, EnCodec): each stage quantizes what the previous stages left.
+
+    Returns a VQResult whose indices gain a last axis (one per stage), whose losses are summed over stages,
+    and whose perplexity holds one value per stage.
+    """
+
+    def __init__(self, num_quantizers: int, num_codes: int, code_dim: int, **kwargs):
+        super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
+        self.layers = nn.ModuleList(VectorQuantizer(num_codes, code_dim, **kwargs) for _ in range(num_quantizers))
+
+    def forward(self, z: Tensor) -> VQResult:
+        residual, quantized, results = z, torch.zeros_like(z), []
+        for layer in self.layers:
+            r = layer(residual)
+            residual = residual - r.quantized.detach()
+            quantized = quantized + r.quantized
+            results.append(r)
+        return VQResult(
+            quantized,
+            torch.stack([r.indices for r in results], dim=-1),
+            sum(r.loss for r in results),
+            sum(r.codebook_loss for r in results),
+            sum(r.commitment_loss for r in results),
+            torch.stack([r.perplexity for r in results]),
+        )
+
+
+class DiagonalGaussian(nn.Module):
+    """Encoder output with 2C channels along `dim` -> (z, kl), as diffusers' DiagonalGaussianDistribution.
+
+    Splits into mean and log-variance (clamped to `logvar_range`, as diffusers does), samples with the fused
+    reparameterization+KL op in training (or when sample=True) and returns the mean otherwise.
+    """
+
+    def __init__(self, dim: int = 1, *, reduction: str = "batchmean", free_bits: float = 0.0,
+                 logvar_range: tuple[float, float] = (-30.0, 20.0)):
+        super().__init__()
+        _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+        _checks.free_bits(free_bits, reduction)
+        self.dim, self.reduction, self.free_bits, self.logvar_range = dim, reduction, free_bits, logvar_range
+
+    def forward(self, params: Tensor, sample: bool | None = None) -> tuple[Tensor, Tensor]:
+        _checks.float_tensor("params", params)
+        dim = _checks.channel_dim(self.dim, params.dim())
+        if params.shape[dim] % 2:
+            raise ValueError(f"params must have an even number of channels along dim={dim}, got {params.shape[dim]}")
+        mu, logvar = params.chunk(2, dim=dim)
+        logvar = logvar.clamp(*self.logvar_range)
+        if self.training if sample is None else sample:
+            return reparameterize_kl(mu, logvar, reduction=self.reduction, free_bits=self.free_bits)
+        return mu, gaussian_kl(mu, logvar, reduction=self.reduction, free_bits=self.free_bits)

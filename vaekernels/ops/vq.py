@@ -1,0 +1,168 @@
+"""nearest_code and vector_quantize: torch.library ops for the fused search, the VQ epilogue and its backward.
+
+The search never materialises the N x K distances. "cosine" is the "l2" search on l2-normalised vectors
+(normalising the codebook suffices for the argmin), so backends only implement "l2".
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend, _checks
+from ..reference.gaussian import acc_dtype
+
+
+class VQResult(NamedTuple):
+    """What vector_quantize returns: quantized has z's shape (gradient by the chosen estimator), indices drop `dim`."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    codebook_loss: Tensor
+    commitment_loss: Tensor
+    perplexity: Tensor
+
+
+def _index_shape(z: Tensor, dim: int) -> tuple:
+    return tuple(z.movedim(dim, -1).shape[:-1])
+
+
+def _loss_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
+    return torch.promote_types(z.dtype, codebook.dtype)
+
+
+@torch.library.custom_op("vaekernels::nearest_code", mutates_args=())
+def nearest_code_op(z: Tensor, codebook: Tensor, dim: int, precision: str) -> Tensor:
+    if z.numel() == 0:
+        return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
+    return _backend.implementation("nearest_code", z.device).nearest_code(z, codebook, dim, precision)
+
+
+@nearest_code_op.register_fake
+def _(z, codebook, dim, precision):
+    return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
+
+
+@torch.library.custom_op("vaekernels::vq_fwd", mutates_args=())
+def vq_fwd(
+    z: Tensor, codebook: Tensor, dim: int, precision: str, estimator: str, with_sums: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k, acc = codebook.shape[0], acc_dtype(_loss_dtype(z, codebook))
+    if z.numel() == 0:
+        nan = torch.full((), float("nan"), dtype=_loss_dtype(z, codebook), device=z.device)
+        sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc)
+        return (torch.empty_like(z), z.new_empty(_index_shape(z, dim), dtype=torch.int64), nan, nan.clone(),
+                z.new_zeros(k, dtype=torch.int64), sums)
+    impl = _backend.implementation("vq", z.device)
+    quantized, indices, sq_err, counts, sums = impl.vq_forward(z, codebook, dim, precision, with_sums)
+    loss = (sq_err / z.numel()).to(_loss_dtype(z, codebook))
+    return quantized, indices, loss, loss.clone(), counts, (z.new_empty(0, dtype=acc) if sums is None else sums)
+
+
+@vq_fwd.register_fake
+def _(z, codebook, dim, precision, estimator, with_sums):
+    acc = acc_dtype(_loss_dtype(z, codebook))
+    loss = z.new_empty((), dtype=_loss_dtype(z, codebook))
+    return (
+        torch.empty_like(z, memory_format=torch.contiguous_format),
+        z.new_empty(_index_shape(z, dim), dtype=torch.int64),
+        loss,
+        loss.clone(),
+        z.new_empty(codebook.shape[0], dtype=torch.int64),
+        z.new_empty(codebook.shape if with_sums else (0,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("vaekernels::vq_bwd", mutates_args=())
+def vq_bwd(
+    dq: Optional[Tensor],
+    z: Tensor,
+    codebook: Tensor,
+    indices: Tensor,
+    d_commit: Optional[Tensor],
+    d_codebook: Optional[Tensor],
+    dim: int,
+    estimator: str,
+) -> tuple[Tensor, Tensor]:
+    if z.numel() == 0:
+        return torch.zeros_like(z), torch.zeros_like(codebook)
+    impl = _backend.implementation("vq", z.device)
+    dz, dcb = impl.vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator)
+    return dz, (codebook.new_empty(0) if dcb is None else dcb)
+
+
+@vq_bwd.register_fake
+def _(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
+    dcb = torch.empty_like(codebook) if d_codebook is not None else codebook.new_empty(0)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), dcb
+
+
+def _setup(ctx, inputs, output):
+    z, codebook, dim, precision, estimator, with_sums = inputs
+    ctx.save_for_backward(z, codebook, output[1])
+    ctx.dim, ctx.estimator = dim, estimator
+    ctx.mark_non_differentiable(output[5])
+
+
+def _backward(ctx, dq, _indices, d_codebook_loss, d_commitment_loss, _counts, _sums):
+    z, codebook, indices = ctx.saved_tensors
+    d_codebook = d_codebook_loss if ctx.needs_input_grad[1] else None
+    dz, dcb = vq_bwd(dq, z, codebook, indices, d_commitment_loss, d_codebook, ctx.dim, ctx.estimator)
+    return dz, (dcb if d_codebook is not None else None), None, None, None, None
+
+
+vq_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _prepare(z, codebook, distance: str, dim: int, precision: str):
+    _checks.latent(z)
+    dim = _checks.channel_dim(dim, z.dim())
+    _checks.codebook(codebook, z, dim)
+    _checks.choice("distance", distance, _checks.DISTANCES)
+    _checks.choice("precision", precision, _checks.PRECISIONS)
+    return dim
+
+
+def nearest_code(z: Tensor, codebook: Tensor, *, distance: str = "l2", dim: int = -1, precision: str = "exact") -> Tensor:
+    """Index of the nearest code for every vector of z along `dim`: int64 of z's shape without `dim`.
+
+    Lowest index wins ties; -1 marks a row whose distances are NaN (NaN in z). precision "tf32"/"bf16" lets GPU
+    backends use tensor cores and re-score the best candidates in float32.
+    """
+    dim = _prepare(z, codebook, distance, dim, precision)
+    if distance == "cosine":
+        codebook = F.normalize(codebook.detach(), dim=-1)
+    return nearest_code_op(z.detach(), codebook.detach(), dim, precision)
+
+
+def quantize_with_stats(z, codebook, *, beta=0.25, distance="l2", dim=-1, precision="exact", estimator="ste",
+                        with_sums=False) -> tuple[VQResult, Tensor, Tensor, Tensor]:
+    """vector_quantize plus the per-code counts (K,) and, with `with_sums`, the per-code sums of the (normalised) z.
+
+    Also returns the vectors the search saw (z, or l2-normalised z for "cosine"), for EMA updates and restarts.
+    """
+    dim = _prepare(z, codebook, distance, dim, precision)
+    _checks.non_negative("beta", beta)
+    _checks.choice("estimator", estimator, _checks.ESTIMATORS)
+    if distance == "cosine":
+        z, codebook = F.normalize(z, dim=dim), F.normalize(codebook, dim=-1)
+    quantized, indices, cb_loss, commit_loss, counts, sums = vq_fwd(z, codebook, dim, precision, estimator, with_sums)
+    probs = counts.to(acc_dtype(cb_loss.dtype)) / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum()).to(cb_loss.dtype)
+    result = VQResult(quantized, indices, cb_loss + beta * commit_loss, cb_loss, commit_loss, perplexity)
+    return result, counts, sums, z
+
+
+def vector_quantize(z: Tensor, codebook: Tensor, *, beta: float = 0.25, distance: str = "l2", dim: int = -1,
+                    precision: str = "exact", estimator: str = "ste") -> VQResult:
+    """VQ-VAE's quantization (van den Oord et al. 2017, eq. 3) fused: search, gather, both losses, backward.
+
+    quantized = z + sg(e - z) (estimator "ste") or the rotation trick (Fifty et al. 2024, "rotation");
+    codebook_loss = mean((e - sg(z))^2) trains the codebook, commitment_loss = mean((sg(e) - z)^2) the encoder,
+    loss = codebook_loss + beta * commitment_loss. `dim` is the channel axis (dim=1 for NCHW).
+    """
+    return quantize_with_stats(z, codebook, beta=beta, distance=distance, dim=dim, precision=precision,
+                               estimator=estimator)[0]

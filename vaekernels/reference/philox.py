@@ -1,0 +1,66 @@
+"""Philox4x32-10 on plain tensors: the exact stream of Triton's `tl.randn(seed, offset)`.
+
+Used by the PyTorch backend for sampling, so that for one seed every backend draws the same eps,
+and by the tests to check the Triton and CUDA samples element by element.
+Key = (seed & 0xffffffff, seed >> 32), counter = (offset & 0xffffffff, offset >> 32, 0, 0).
+"""
+from __future__ import annotations
+
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_CHUNK = 1 << 20  # elements per chunk, bounds the int64 temporaries
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for a uint32 constant `a` and uint32 values in int64 `b`, without overflow."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    t = a * b_lo  # < 2**48
+    s = (t >> 16) + a * b_hi  # a*b = s * 2**16 + (t & 0xffff), s < 2**49
+    return s >> 16, ((s & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox_uint32x2(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two uint32 outputs (as int64) of Philox4x32-10 for each offset."""
+    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    x = torch.where(x >= 1 << 31, x - (1 << 32), x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * 4.6566127342e-10
+
+
+def randn(seed: torch.Tensor | int, numel: int, device=None) -> torch.Tensor:
+    """float32 normals for offsets 0..numel-1, equal to `tl.randn(seed, offsets)`."""
+    seed = int(seed)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for start in range(0, numel, _CHUNK):
+        offsets = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)
+        i1, i2 = philox_uint32x2(seed, offsets)
+        u1 = torch.clamp_min(_uniform(i1), 1e-7)
+        theta = 6.283185307179586 * _uniform(i2)
+        out[start : start + offsets.numel()] = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    return out
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A 0-d int64 seed on `device`, drawn from torch's generator (or `generator`), as inductor does."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the tensors are on {device}")
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
+
+
+__all__ = ["randn", "draw_seed", "philox_uint32x2"]

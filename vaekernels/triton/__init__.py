@@ -1,0 +1,8 @@
+"""The Triton backend: fused kernels for every op (see vaekernels.reference for the shared contract).
+
+float64 inputs are delegated to the reference backend (tensor cores and fast transcendentals are float32).
+"""
+from .gaussian import gaussian_backward, gaussian_forward
+from .vq import nearest_code, vq_backward, vq_forward
+
+__all__ = ["gaussian_forward", "gaussian_backward", "nearest_code", "vq_forward", "vq_backward"]
