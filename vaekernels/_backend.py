@@ -82,14 +82,19 @@ def _module(name: str):
 
 def implementation(op: str, device: torch.device):
     """The backend module that runs `op` on `device` under the current choice."""
+    return _module(resolve_name(op, device))
+
+
+def resolve_name(op: str, device: torch.device) -> str:
+    """The name of the backend that runs `op` on `device` under the current choice."""
     if _choice == "auto":
-        return _module(_auto(op, device))
+        return _auto(op, device)
     if device.type != "cuda" and _choice != "torch" and not (_choice == "triton" and triton_interpreted()):
         raise RuntimeError(
             f"backend {_choice!r} runs on CUDA tensors, got tensors on {device}; "
             "use vk.set_backend('auto') or 'torch' (or TRITON_INTERPRET=1 for the Triton interpreter)"
         )
-    return _module(_choice)
+    return _choice
 
 
 def _auto(op: str, device: torch.device) -> str:

@@ -50,3 +50,9 @@ def vector_quantize(z, codebook, beta=0.25, distance="l2", dim=-1):
     loss = F.mse_loss(e, zm.detach()) + beta * F.mse_loss(zm, e.detach())
     quantized = zm + (e - zm).detach()
     return quantized.movedim(-1, dim), idx.view(zm.shape[:-1]), loss
+
+
+def ema_statistics(z_rows, indices, num_codes):
+    """Per-code counts and sums of z through an N x K one-hot, as EMA quantizers usually compute them."""
+    onehot = F.one_hot(indices, num_codes).type(z_rows.dtype)
+    return onehot.sum(0), onehot.t() @ z_rows

@@ -54,8 +54,10 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> VQResult:
         update = self.training and self.ema
+        # the EMA update rewrites the codebook in place, so the op gets a snapshot it can save for backward
+        codebook = self.codebook.clone() if update else self.codebook
         result, counts, sums, searched = quantize_with_stats(
-            z, self.codebook, beta=self.beta, distance=self.distance, dim=self.dim, precision=self.precision,
+            z, codebook, beta=self.beta, distance=self.distance, dim=self.dim, precision=self.precision,
             estimator=self.estimator, with_sums=update)
         if self.training:
             self._observe(counts, sums if update else None)
@@ -65,6 +67,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, counts: Tensor, sums: Tensor | None) -> None:
+        """Account one training batch: usage counts, and the EMA codebook update when `sums` is given."""
         counts = counts.to(self.code_usage.dtype)
         if _distributed():
             dist.all_reduce(counts)

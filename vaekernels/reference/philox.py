@@ -57,9 +57,12 @@ def randn(seed: torch.Tensor | int, numel: int, device=None) -> torch.Tensor:
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A 0-d int64 seed on `device`, drawn from torch's generator (or `generator`), as inductor does."""
+    """A 0-d int64 seed on `device`, drawn from torch's generator (or `generator`), as inductor does.
+
+    A generator on another device (a CPU generator for CUDA latents, as diffusers allows) draws on its own
+    device and the seed is copied over."""
     if generator is not None and generator.device.type != torch.device(device).type:
-        raise ValueError(f"generator is on {generator.device} but the tensors are on {device}")
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator).to(device)
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
 
 
