@@ -62,7 +62,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self._observe(counts, sums if update else None)
             if not torch.compiler.is_compiling():
-                self._last_batch = rows(searched.detach(), self.dim % z.dim())
+                self._last_batch = searched.detach()  # rows are gathered only if restart_dead_codes runs
         return result
 
     @torch.no_grad()
@@ -90,9 +90,10 @@ class VectorQuantizer(nn.Module):
         """Replace codes used fewer than `threshold` times since the last reset by random rows of `z`
         (default: the latest training batch), then start a new usage window. Returns how many were replaced.
         Under torch.distributed rank 0 chooses and broadcasts, so every rank keeps the same codebook."""
-        source = rows(z.detach(), self.dim % z.dim()) if z is not None else self._last_batch
-        if source is None or source.shape[0] == 0:
+        batch = z.detach() if z is not None else self._last_batch
+        if batch is None or batch.numel() == 0:
             raise ValueError("restart_dead_codes needs a batch: pass z, or run a training forward first")
+        source = rows(batch, self.dim % batch.dim())
         dead = (self.code_usage < threshold).nonzero().squeeze(1)
         if dead.numel():
             new = source[torch.randint(0, source.shape[0], (dead.numel(),), device=source.device)]
