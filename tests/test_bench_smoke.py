@@ -1,0 +1,83 @@
+"""CI smoke test of the benchmark command: `bench/run.py --quick` runs every comparison, or says why it did not,
+and writes well-formed JSON and markdown. It never gates on times."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize", "vq_module")
+EXPLAINED = ("skipped", "not installed")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--no-progress",
+           "--json", str(paths["json"]), "--markdown", str(paths["markdown"])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    return data, paths["markdown"].read_text()
+
+
+@pytest.mark.slow
+def test_meta_names_where_and_how(quick_run):
+    meta = quick_run[0]["meta"]
+    for key in ("device", "kind", "driver", "torch", "triton", "cuda", "date", "command", "shape_size",
+                "memory_method", "timer", "competitors"):
+        assert key in meta, key
+    assert meta["shape_size"] == "quick" and "--quick" in meta["command"]
+
+
+@pytest.mark.slow
+def test_every_comparison_ran_or_says_why(quick_run):
+    rows = quick_run[0]["results"]
+    errors = [f"{r['op']} {r['mode']} {r['set']} {r['shape']} {r['competitor']}: {r['note']}"
+              for r in rows if r["status"] == "error"]
+    assert not errors, "\n".join(errors)
+    for r in rows:
+        assert r["status"] in ("ok",) + EXPLAINED, r
+        if r["status"] == "ok":
+            t = r["times_ms"]
+            assert t["n"] >= 1 and all(math.isfinite(t[k]) and t[k] > 0 for k in ("median", "q25", "q75"))
+            assert t["min"] <= t["median"] <= t["max"]
+            assert r["peak_bytes"] is None or r["peak_bytes"] >= 0
+        else:
+            assert r["note"], r
+
+
+@pytest.mark.slow
+def test_every_op_mode_and_competitor_is_covered(quick_run):
+    data = quick_run[0]
+    rows = data["results"]
+    ran = {(r["op"], r["mode"]) for r in rows if r["competitor"] == "eager" and r["status"] == "ok"}
+    expected = {(op, mode) for op in OPS for mode in ("fwd", "fwdbwd") if (op, mode) != ("nearest_code", "fwdbwd")}
+    assert ran == expected
+    assert {r["competitor"] for r in rows} == set(data["meta"]["competitors"])
+    for name, availability in data["meta"]["competitors"].items():
+        if availability["status"] == "available":
+            assert any(r["competitor"] == name and r["status"] in ("ok", "skipped") for r in rows), name
+        else:
+            assert availability["status"] in EXPLAINED and availability["note"], name
+    assert any(r["competitor"] == "vaekernels[torch]" and r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.slow
+def test_figures_and_markdown(quick_run):
+    data, markdown = quick_run
+    assert {"speed", "memory"} <= set(data["figures"])
+    for figure in data["figures"].values():
+        assert figure["eager"]["status"] == "ok" and figure["vaekernels[torch]"]["status"] == "ok", figure
+    assert "counts" in data["launches"] or data["launches"]["note"]
+    assert markdown.startswith("### vaekernels benchmark: ")
+    assert data["meta"]["kind"] == "cuda" or "CPU" in markdown.splitlines()[0]
+    for op in OPS[:-1]:
+        assert f"#### {op}" in markdown
