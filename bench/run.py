@@ -617,7 +617,9 @@ def console_report(data: dict) -> str:
         out.append(f"\n{_op_title(op)}")
         out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *body]]
         out += [f"  {n}" for n in notes]
-    out += ["", "not measured:", *(f"  {line}" for line in _absent_lines(rows)), "", *_summary_lines(data, False)]
+    absent = _absent_lines(rows)
+    out += ["", "not measured:", *(f"  {line}" for line in absent)] if absent else []
+    out += ["", *_summary_lines(data, False)]
     return "\n".join(out)
 
 
@@ -679,7 +681,8 @@ def markdown_report(data: dict) -> str:
         out += ["| " + " | ".join(str(x) for x in line) + " |" for line in body]
         if notes:
             out += [""] + [f"{n}  " for n in notes]
-    out += ["", "Not measured here:", "", *(f"- {line}" for line in _absent_lines(rows))]
+    absent = _absent_lines(rows)
+    out += ["", "Not measured here:", "", *(f"- {line}" for line in absent)] if absent else []
     out += ["", "#### Figures", "", *_summary_lines(data, markdown=True)]
     return "\n".join(out) + "\n"
 
@@ -795,7 +798,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--ops", help=f"comma list of {', '.join(OPS)}")
     parser.add_argument("--shapes", help=f"comma list of shape sets: {', '.join(shape_sets('gpu'))}")
-    parser.add_argument("--competitors", help="comma list of competitor names or prefixes, e.g. vaekernels,torch.compile (eager always runs)")
+    parser.add_argument("--competitors", help="comma list of competitor names or prefixes, e.g. "
+                        "vaekernels,torch.compile (eager always runs)")
     parser.add_argument("--json", metavar="PATH", help="results JSON (default bench/out/results-<device>.json)")
     parser.add_argument("--markdown", metavar="PATH", nargs="?", const="-", help="markdown table block (- or no "
                         "PATH: print it)")

@@ -36,8 +36,8 @@ def _search(zr: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     out = torch.empty(zr.shape[0], dtype=torch.int64, device=zr.device)
     for blk in _blocks(zr.shape[0], cb.shape[0]):
         d = torch.addmm(norms, zr[blk].to(acc), cbf.t(), alpha=-2.0)
-        idx = d.argmin(1)
-        out[blk] = idx.masked_fill_(d.isnan().any(1), -1)
+        idx = d.argmin(1)  # argmin picks a NaN when the row has one, so checking the picked value suffices
+        out[blk] = idx.masked_fill_(d.gather(1, idx.unsqueeze(1)).squeeze(1).isnan(), -1)
     return out
 
 
