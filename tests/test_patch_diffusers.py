@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vaekernels as vk
-from .doubles.compare import CPU_FUSED_BACKENDS, OpCalls, assert_patched_equivalent, weights_like
+from .doubles.compare import CPU_FUSED_BACKENDS, OpCalls, assert_patched_equivalent, vq_objective, weights_like
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, VQModel  # noqa: E402
@@ -26,24 +26,19 @@ def _tiny_kl():
     return AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), **TINY)
 
 
-def _vq_objective(out):
-    z_q, loss, _ = out
-    return (z_q * weights_like(z_q)).sum() + loss
-
-
 @pytest.mark.parametrize("legacy", [True, False])
 @pytest.mark.parametrize("sane_index_shape", [True, False])
 def test_vector_quantizer_equivalent(legacy, sane_index_shape):
     torch.manual_seed(0)
     q = VectorQuantizer(16, 4, beta=0.25, legacy=legacy, sane_index_shape=sane_index_shape)
-    assert_patched_equivalent(q, lambda: torch.randn(2, 4, 3, 5), _vq_objective)
+    assert_patched_equivalent(q, lambda: torch.randn(2, 4, 3, 5), vq_objective)
 
 
 def test_vector_quantizer_remap_equivalent(tmp_path):
     np.save(tmp_path / "used.npy", np.arange(1, 16, 3))
     torch.manual_seed(0)
     q = VectorQuantizer(16, 4, beta=0.25, remap=str(tmp_path / "used.npy"), unknown_index="random")
-    assert_patched_equivalent(q, lambda: torch.randn(2, 4, 3, 5), _vq_objective)
+    assert_patched_equivalent(q, lambda: torch.randn(2, 4, 3, 5), vq_objective)
 
 
 def test_vqmodel_training_step_equivalent():

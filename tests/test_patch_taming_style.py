@@ -9,16 +9,11 @@ from torch import nn
 
 import vaekernels as vk
 from .doubles import taming, vqvae2, zalando
-from .doubles.compare import CPU_FUSED_BACKENDS, OpCalls, assert_patched_equivalent, weights_like
+from .doubles.compare import CPU_FUSED_BACKENDS, OpCalls, assert_patched_equivalent, vq_objective, weights_like
 
 
 def _nchw():
     return torch.randn(2, 4, 3, 5)
-
-
-def _vqgan_objective(out):
-    z_q, loss, _ = out
-    return (z_q * weights_like(z_q)).sum() + loss
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -26,7 +21,7 @@ def _vqgan_objective(out):
 def test_taming_vectorquantizer2_equivalent(legacy, sane_index_shape):
     torch.manual_seed(0)
     q = taming.VectorQuantizer2(16, 4, beta=0.25, legacy=legacy, sane_index_shape=sane_index_shape)
-    assert_patched_equivalent(q, _nchw, _vqgan_objective)
+    assert_patched_equivalent(q, _nchw, vq_objective)
 
 
 @pytest.mark.parametrize("unknown_index", ["random", "extra", 0])
@@ -35,7 +30,7 @@ def test_taming_remap_equivalent(tmp_path, unknown_index):
     np.save(path, np.arange(0, 16, 2))  # half the codes are "used": the others go to unknown_index
     torch.manual_seed(0)
     q = taming.VectorQuantizer2(16, 4, beta=0.25, remap=str(path), unknown_index=unknown_index)
-    patched = assert_patched_equivalent(q, _nchw, _vqgan_objective)
+    patched = assert_patched_equivalent(q, _nchw, vq_objective)
     assert patched(_nchw())[2][2].shape == (2 * 3 * 5, 1)
 
 
@@ -53,7 +48,7 @@ def test_equivalent_on_fused_backend(backend):
     with vk.use_backend(backend):
         assert_patched_equivalent(vqvae2.Quantize(4, 16), lambda: torch.randn(2, 3, 5, 4),
                                   lambda out: (out[0] * weights_like(out[0])).sum() + out[1])
-        assert_patched_equivalent(taming.VectorQuantizer2(16, 4, beta=0.25), _nchw, _vqgan_objective)
+        assert_patched_equivalent(taming.VectorQuantizer2(16, 4, beta=0.25), _nchw, vq_objective)
 
 
 def test_rosinality_quantize_in_a_model_with_permuted_input():
@@ -68,7 +63,7 @@ def test_rosinality_quantize_in_a_model_with_permuted_input():
             quant, diff, ids = self.quantize_t(self.conv(x).permute(0, 2, 3, 1))
             return quant.permute(0, 3, 1, 2), diff, ids
 
-    assert_patched_equivalent(Model(), lambda: torch.randn(2, 3, 4, 4), _vqgan_objective)
+    assert_patched_equivalent(Model(), lambda: torch.randn(2, 3, 4, 4), vq_objective)
 
 
 def test_zalando_vectorquantizer_ema_equivalent():
