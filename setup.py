@@ -185,6 +185,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vaekernels", "vaekernels.*"]),
+    package_data={"vaekernels": ["dispatch.json"]},  # the "auto" backend table (bench/run.py --dispatch)
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -3,13 +3,15 @@ eager PyTorch formula, torch.compile of it, each vaekernels backend and the libr
 
     python bench/run.py [--quick] [--device auto|cpu|cuda] [--ops a,b] [--shapes a,b] [--competitors a,b]
                         [--json PATH] [--markdown [PATH]] [--plot PATH] [--save] [--from-json PATH] [--cpu-compile]
+                        [--dispatch]
 
 Defaults to the GPU when there is one (the shapes the models train with), else the CPU with CPU-sized shapes
 (the two issue-2 figures keep their full size; torch.compile only with --cpu-compile, as compiling would take
 longer than the rest). --quick: tiny shapes of one set per code path, every comparison once (CI smoke test).
 Prints a table of speedups against the eager formula and writes JSON (default bench/out/results-<device>.json);
 --markdown writes (or prints) the self-contained table block README's performance section is made of; --save
-writes JSON, markdown and plot under bench/results/ (see bench/results/README.md); --from-json renders a saved run.
+writes JSON, markdown and plot under bench/results/ (see bench/results/README.md); --from-json renders a saved run;
+--dispatch writes the GPU's per-op, per-size backend choice for "auto" into vaekernels/dispatch.json (dispatch.py).
 
 Each comparison fails soft: a failing alternative becomes an error string in its row. On the CPU every
 comparison runs in a forked child (fresh peak-RSS measurement, an address-space cap, a time limit); the parent
@@ -37,6 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _measure  # noqa: E402
+import dispatch  # noqa: E402
 import vaekernels as vk  # noqa: E402
 from shapes import MODES, OPS, QUICK_SETS, VAE_OPS, Codes, Latent, ShapeSet, shape_sets  # noqa: E402
 from vaekernels import _backend, eager  # noqa: E402
@@ -808,6 +811,8 @@ def main(argv=None) -> None:
     parser.add_argument("--from-json", metavar="PATH", help="render a saved run instead of running")
     parser.add_argument("--cpu-compile", action="store_true", help="run torch.compile on the CPU too (slow: "
                         "compiles a graph per op, mode and set)")
+    parser.add_argument("--dispatch", action="store_true", help="write this GPU run's fastest fused backend per "
+                        "op and size into vaekernels/dispatch.json (the table \"auto\" uses)")
     parser.add_argument("--timeout", type=float, help="seconds per comparison on the CPU (default 900, quick 120)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -840,6 +845,10 @@ def main(argv=None) -> None:
     if "plot" in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(outputs["plot"])), exist_ok=True)
         plot(data, outputs["plot"])
+    if args.dispatch:
+        source = os.path.relpath(args.from_json or outputs["json"], ROOT)
+        print("\n" + dispatch.describe(dispatch.update(data, _backend.DISPATCH_TABLE, source)))
+        outputs["dispatch"] = _backend.DISPATCH_TABLE
     written = [v for v in outputs.values() if v != "-"]
     if written:
         print(f"\nwrote {', '.join(written)}")

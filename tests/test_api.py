@@ -22,7 +22,7 @@ def test_backend_choice_and_context_manager():
 
 
 def test_auto_runs_the_reference_on_cpu_tensors():
-    assert _backend.resolve_name("vq", torch.device("cpu")) == "torch"
+    assert _backend.resolve_name("vq_fwd", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour of a machine without a CUDA device")
@@ -41,7 +41,7 @@ def test_fused_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_choice", "triton")
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
-        _backend.implementation("vq", torch.device("cpu"))
+        _backend.implementation("vq_fwd", torch.device("cpu"))
 
 
 def test_info_command_lists_every_backend():

@@ -1,13 +1,17 @@
 """Backend registry and choice: "auto" | "torch" | "triton" | "cuda".
 
-Every op calls `implementation(device)` at run time (inside the registered torch.library op),
+Every op calls `implementation(op, device, size)` at run time (inside the registered torch.library op),
 so the choice follows `set_backend` / `use_backend` / VAEKERNELS_BACKEND even under torch.compile.
+"auto" on CUDA tensors picks, per op and problem size, the backend the benchmark measured fastest on this GPU
+architecture (dispatch.json, written by `python bench/run.py --dispatch`), else CUDA, then Triton.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib
+import json
+import math
 import os
 
 import torch
@@ -80,15 +84,15 @@ def _module(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def implementation(op: str, device: torch.device):
-    """The backend module that runs `op` on `device` under the current choice."""
-    return _module(resolve_name(op, device))
+def implementation(op: str, device: torch.device, size: tuple[int, ...] = ()):
+    """The backend module that runs `op` (a DISPATCH_OPS name) of problem `size` on `device`."""
+    return _module(resolve_name(op, device, size))
 
 
-def resolve_name(op: str, device: torch.device) -> str:
-    """The name of the backend that runs `op` on `device` under the current choice."""
+def resolve_name(op: str, device: torch.device, size: tuple[int, ...] = ()) -> str:
+    """The name of the backend that runs `op` of problem `size` on `device` under the current choice."""
     if _choice == "auto":
-        return _auto(op, device)
+        return _auto(op, device, size)
     if device.type != "cuda" and _choice != "torch" and not (_choice == "triton" and triton_interpreted()):
         raise RuntimeError(
             f"backend {_choice!r} runs on CUDA tensors, got tensors on {device}; "
@@ -97,10 +101,45 @@ def resolve_name(op: str, device: torch.device) -> str:
     return _choice
 
 
-def _auto(op: str, device: torch.device) -> str:
+# the dispatch points and what their `size` is: elements for the Gaussian ops, (N rows, K codes, D) for VQ
+DISPATCH_OPS = {"gaussian_fwd": ("elements",), "gaussian_bwd": ("elements",), "nearest_code": ("N", "K", "D"),
+                "vq_fwd": ("N", "K", "D"), "vq_bwd": ("N", "K", "D")}
+DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
+_FUSED = ("cuda", "triton")  # the order "auto" tries on a GPU without a measured table
+
+
+@functools.lru_cache(maxsize=None)
+def dispatch_tables() -> dict:
+    """{architecture such as "sm_90": {"device", "source", "date", "entries": [{"op", "size", "backend"}]}}."""
+    with open(DISPATCH_TABLE) as f:
+        return json.load(f)["tables"]
+
+
+def choose(op: str, size: tuple[int, ...], arch: str, usable: list[str]) -> str:
+    """The backend of the measured entry nearest to `size` (log-scale distance) for `op` on `arch`, if usable;
+    else the first of `usable`."""
+    entries = [e for e in dispatch_tables().get(arch, {}).get("entries", ()) if e["op"] == op]
+    if entries and size:
+        def distance(entry):
+            return sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(entry["size"], size))
+
+        best = min(entries, key=distance)["backend"]
+        if best in usable:
+            return best
+    return usable[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> str:
+    return "sm_%d%d" % torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto(op: str, device: torch.device, size: tuple[int, ...]) -> str:
     if device.type != "cuda":
         return "torch"
-    for name in ("cuda", "triton"):
-        if availability(name)[0]:
-            return name
-    return "torch"
+    usable = [name for name in _FUSED if availability(name)[0]]
+    if not usable:
+        return "torch"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return choose(op, size, _arch(index), usable)

@@ -87,7 +87,7 @@ def _save_png(path: str, rows: dict[str, torch.Tensor]) -> None:
 
 def run(steps: int = 300, out_dir: str = "demo_out", device: str | None = None, timing_steps: int = 20) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = _backend.resolve_name("vq", dev)
+    backend = _backend.resolve_name("vq_fwd", dev)
     print(f"vaekernels demo on {dev} with the {backend!r} backend (available: {_backend.available_backends()})")
     torch.manual_seed(0)
     data = load_digits(dev)

@@ -41,7 +41,7 @@ def gaussian_fwd(
     kl_mode: str,
     kl_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    impl = _backend.implementation("gaussian", mu.device)
+    impl = _backend.implementation("gaussian_fwd", mu.device, (mu.numel(),))
     z, kl = impl.gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
     return (_empty(mu) if z is None else z), (_empty(mu) if kl is None else kl)
 
@@ -64,7 +64,7 @@ def gaussian_bwd(
     seed: Optional[Tensor],
     kl_mode: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend.implementation("gaussian", mu.device)
+    impl = _backend.implementation("gaussian_bwd", mu.device, (mu.numel(),))
     grads = impl.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode)
     return tuple(_empty(mu) if g is None else g for g in grads)
 

@@ -30,6 +30,11 @@ def _index_shape(z: Tensor, dim: int) -> tuple:
     return tuple(z.movedim(dim, -1).shape[:-1])
 
 
+def _search_size(z: Tensor, codebook: Tensor, dim: int) -> tuple[int, int, int]:
+    """(N rows, K codes, D): the problem size the backend choice of "auto" is keyed on."""
+    return z.numel() // z.shape[dim], codebook.shape[0], z.shape[dim]
+
+
 def _loss_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, codebook.dtype)
 
@@ -38,7 +43,8 @@ def _loss_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
 def nearest_code_op(z: Tensor, codebook: Tensor, dim: int, precision: str) -> Tensor:
     if z.numel() == 0:
         return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
-    return _backend.implementation("nearest_code", z.device).nearest_code(z, codebook, dim, precision)
+    impl = _backend.implementation("nearest_code", z.device, _search_size(z, codebook, dim))
+    return impl.nearest_code(z, codebook, dim, precision)
 
 
 @nearest_code_op.register_fake
@@ -56,7 +62,7 @@ def vq_fwd(
         sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc)
         return (torch.empty_like(z), z.new_empty(_index_shape(z, dim), dtype=torch.int64), nan, nan.clone(),
                 z.new_zeros(k, dtype=torch.int64), sums)
-    impl = _backend.implementation("vq", z.device)
+    impl = _backend.implementation("vq_fwd", z.device, _search_size(z, codebook, dim))
     quantized, indices, sq_err, counts, sums = impl.vq_forward(z, codebook, dim, precision, with_sums)
     loss = (sq_err / z.numel()).to(_loss_dtype(z, codebook))
     return quantized, indices, loss, loss.clone(), counts, (z.new_empty(0, dtype=acc) if sums is None else sums)
@@ -89,7 +95,7 @@ def vq_bwd(
 ) -> tuple[Tensor, Tensor]:
     if z.numel() == 0:
         return torch.zeros_like(z), torch.zeros_like(codebook)
-    impl = _backend.implementation("vq", z.device)
+    impl = _backend.implementation("vq_bwd", z.device, _search_size(z, codebook, dim))
     dz, dcb = impl.vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator)
     return dz, (codebook.new_empty(0) if dcb is None else dcb)
 

@@ -12,19 +12,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _eps(seed: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return philox.randn(seed.item(), mu.numel(), device=mu.device).view(mu.shape).to(dtype)
+    # the seed stays a tensor on mu's device: no host synchronisation on a GPU
+    return philox.randn(seed.to(mu.device), mu.numel(), device=mu.device).view(mu.shape).to(dtype)
 
 
-def _kl_terms(mu, logvar, prior_mu, prior_logvar):
-    """Elementwise KL(N(mu, exp(lv)) || prior), with its two partial derivatives wrt mu and logvar."""
-    var = torch.exp(logvar)
+def _kl(mu, logvar, prior_mu, prior_logvar):
+    """Elementwise KL(N(mu, exp(lv)) || prior)."""
     diff = mu if prior_mu is None else mu - prior_mu
     if prior_logvar is None:
-        kl = 0.5 * (var + diff * diff - 1.0 - logvar)
-        return kl, diff, 0.5 * (var - 1.0)
-    inv_pvar = torch.exp(-prior_logvar)
-    kl = 0.5 * (prior_logvar - logvar + (var + diff * diff) * inv_pvar - 1.0)
-    return kl, diff * inv_pvar, 0.5 * (var * inv_pvar - 1.0)
+        return 0.5 * (torch.exp(logvar) + diff * diff - 1.0 - logvar)
+    return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + diff * diff) * torch.exp(-prior_logvar) - 1.0)
 
 
 def _f(t, dtype):
@@ -39,7 +36,7 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
         z = (m + torch.exp(0.5 * lv) * _eps(seed, mu, acc)).to(mu.dtype)
     if kl_mode == "none":
         return z, None
-    kl, _, _ = _kl_terms(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
+    kl = _kl(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
     if kl_mode == "elementwise":
         return z, kl.to(mu.dtype)
     if kl_mode == "sum":
@@ -61,16 +58,18 @@ def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode
             w = w.expand(mu.shape[0], w.numel()).reshape(mu.shape)
         elif kl_mode == "sample":
             w = w.reshape(-1, *([1] * (mu.dim() - 1)))
-        _, d_mu, d_lv = _kl_terms(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
-        dmu = w * d_mu
-        dlv = dlv + w * d_lv
+        var = torch.exp(lv)
+        diff = m if prior_mu is None else m - prior_mu.to(acc)
+        if prior_logvar is None:  # dKL/dmu = diff, dKL/dlogvar = (var - 1) / 2
+            dmu = w * diff
+            dlv = dlv + w * 0.5 * (var - 1.0)
+        else:  # prior variance p: diff / p, (var / p - 1) / 2; dKL/dprior_logvar = (1 - (var + diff^2) / p) / 2
+            inv_pvar = torch.exp(-prior_logvar.to(acc))
+            dmu = w * diff * inv_pvar
+            dlv = dlv + w * 0.5 * (var * inv_pvar - 1.0)
+            dplv = (w * 0.5 * (1.0 - (var + diff * diff) * inv_pvar)).to(prior_logvar.dtype)
         if prior_mu is not None:
             dpmu = (-dmu).to(prior_mu.dtype)
-        if prior_logvar is not None:
-            # d KL / d prior_logvar = 0.5 (1 - (var + diff^2) / prior_var)
-            diff = m if prior_mu is None else m - prior_mu.to(acc)
-            ratio = (torch.exp(lv) + diff * diff) * torch.exp(-prior_logvar.to(acc))
-            dplv = (w * 0.5 * (1.0 - ratio)).to(prior_logvar.dtype)
         if dz is not None:
             dmu = dmu + dz.to(acc)
         dmu = dmu.to(mu.dtype)

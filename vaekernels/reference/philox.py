@@ -23,8 +23,9 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s >> 16, ((s & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox_uint32x2(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first two uint32 outputs (as int64) of Philox4x32-10 for each offset."""
+def philox_uint32x2(seed: torch.Tensor | int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two uint32 outputs (as int64) of Philox4x32-10 for each offset (seed: int or 0-d int64 tensor on
+    the offsets' device, read on that device, so a GPU seed is never copied to the host)."""
     c0, c1 = offsets & _M32, (offsets >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -45,7 +46,6 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
 
 def randn(seed: torch.Tensor | int, numel: int, device=None) -> torch.Tensor:
     """float32 normals for offsets 0..numel-1, equal to `tl.randn(seed, offsets)`."""
-    seed = int(seed)
     out = torch.empty(numel, dtype=torch.float32, device=device)
     for start in range(0, numel, _CHUNK):
         offsets = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)

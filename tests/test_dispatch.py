@@ -1,0 +1,107 @@
+"""The "auto" backend table: how it is read (vaekernels._backend) and how a GPU benchmark run writes it
+(bench/dispatch.py). The table itself holds GPU measurements; these tests use made-up ones."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from vaekernels import _backend
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import dispatch  # noqa: E402
+
+TABLE = {"sm_90": {"device": "test GPU", "entries": [
+    {"op": "vq_fwd", "size": [1024, 512, 8], "backend": "triton"},
+    {"op": "vq_fwd", "size": [65536, 16384, 256], "backend": "cuda"},
+    {"op": "gaussian_fwd", "size": [4096], "backend": "cuda"},
+]}}
+
+
+@pytest.fixture
+def table(monkeypatch):
+    monkeypatch.setattr(_backend, "dispatch_tables", lambda: TABLE)
+
+
+def test_choose_takes_the_nearest_measured_size(table):
+    both = ["cuda", "triton"]
+    assert _backend.choose("vq_fwd", (2000, 256, 8), "sm_90", both) == "triton"
+    assert _backend.choose("vq_fwd", (65536, 8192, 256), "sm_90", both) == "cuda"
+    assert _backend.choose("gaussian_fwd", (1 << 24,), "sm_90", both) == "cuda"
+
+
+def test_choose_falls_back_to_the_default_order(table):
+    # no entry for the op, no table for the architecture, or a measured winner that is not available here
+    assert _backend.choose("vq_bwd", (1024, 512, 8), "sm_90", ["cuda", "triton"]) == "cuda"
+    assert _backend.choose("vq_fwd", (1024, 512, 8), "sm_80", ["cuda", "triton"]) == "cuda"
+    assert _backend.choose("vq_fwd", (1024, 512, 8), "sm_90", ["cuda"]) == "cuda"
+
+
+def test_auto_on_cuda_tensors_reads_the_table(table, monkeypatch):
+    monkeypatch.setattr(_backend, "availability", lambda name: (name in ("triton", "cuda"), "test"))
+    monkeypatch.setattr(_backend, "_arch", lambda index: "sm_90")
+    auto = _backend._auto.__wrapped__  # uncached
+    assert auto("vq_fwd", torch.device("cuda", 0), (1024, 512, 8)) == "triton"
+    assert auto("vq_fwd", torch.device("cuda", 0), (65536, 16384, 256)) == "cuda"
+    assert auto("vq_fwd", torch.device("cpu"), (1024, 512, 8)) == "torch"
+    monkeypatch.setattr(_backend, "availability", lambda name: (False, "test"))
+    assert auto("vq_fwd", torch.device("cuda", 0), (1024, 512, 8)) == "torch"
+
+
+def test_the_committed_table_is_well_formed():
+    with open(_backend.DISPATCH_TABLE) as f:
+        tables = json.load(f)["tables"]
+    for arch, table in tables.items():
+        assert arch.startswith("sm_") and table["device"] and table["source"]
+        for e in table["entries"]:
+            assert e["backend"] in ("cuda", "triton"), e
+            assert len(e["size"]) == len(_backend.DISPATCH_OPS[e["op"]]), e
+            assert min(e["size"]) > 0 and set(e["ms"]) == {"cuda", "triton"}, e
+
+
+def _row(op, mode, competitor, ms, shape="s", **extra):
+    size = {"size": 1 << 20} if op in dispatch.VAE_OPS else {"size": 0, "dims": {"N": 4096, "K": 1024, "D": 64}}
+    return {"op": op, "mode": mode, "set": "set", "shape": shape, "competitor": competitor, "status": "ok",
+            "times_ms": {"median": ms}, **size, **extra}
+
+
+def test_entries_pick_the_faster_backend_per_op_from_side_by_side_rows():
+    rows = [
+        _row("vector_quantize", "fwd", "vaekernels[cuda]", 1.0),
+        _row("vector_quantize", "fwd", "vaekernels[triton]", 2.0),
+        _row("vector_quantize", "fwdbwd", "vaekernels[cuda]", 4.0),  # backward: cuda 3.0 ms
+        _row("vector_quantize", "fwdbwd", "vaekernels[triton]", 3.5),  # backward: triton 1.5 ms
+        _row("vector_quantize", "fwd", "eager", 0.1),  # not a fused backend: ignored
+        _row("reparameterize", "fwd", "vaekernels[cuda]", 0.30),
+        _row("reparameterize", "fwd", "vaekernels[triton]", 0.25),
+        _row("gaussian_kl", "fwd", "vaekernels[cuda]", 0.10),
+        _row("gaussian_kl", "fwd", "vaekernels[triton]", 0.20),
+        _row("nearest_code", "fwd", "vaekernels[triton]", 1.0),  # cuda not measured: no entry
+    ]
+    got = {(e["op"], tuple(e["size"])): e for e in dispatch.entries(rows)}
+    assert set(got) == {("vq_fwd", (4096, 1024, 64)), ("vq_bwd", (4096, 1024, 64)), ("gaussian_fwd", (1 << 20,))}
+    assert got["vq_fwd", (4096, 1024, 64)]["backend"] == "cuda"
+    assert got["vq_bwd", (4096, 1024, 64)]["backend"] == "triton"
+    assert got["vq_bwd", (4096, 1024, 64)]["ms"] == {"cuda": 3.0, "triton": 1.5}
+    gaussian = got["gaussian_fwd", (1 << 20,)]  # both gaussian ops summed: cuda 0.40 ms, triton 0.45 ms
+    assert gaussian["backend"] == "cuda" and gaussian["ms"] == pytest.approx({"cuda": 0.40, "triton": 0.45})
+
+
+def test_update_merges_a_partial_run_into_the_table_file(tmp_path):
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"tables": {"sm_90": {"entries": [
+        {"op": "vq_fwd", "size": [4096, 1024, 64], "backend": "triton", "ms": {"cuda": 9, "triton": 1}},
+        {"op": "nearest_code", "size": [8, 8, 8], "backend": "triton", "ms": {"cuda": 9, "triton": 1}}]}}}))
+    meta = {"kind": "cuda", "capability": "sm_90", "device": "test GPU", "date": "2026-11-25T00:00:00",
+            "torch": "2.11", "triton": "3.6"}
+    rows = [_row("vector_quantize", "fwd", "vaekernels[cuda]", 1.0),
+            _row("vector_quantize", "fwd", "vaekernels[triton]", 2.0)]
+    table = dispatch.update({"meta": meta, "results": rows}, str(path), "bench/results/run.json")
+    saved = json.loads(path.read_text())["tables"]["sm_90"]
+    assert saved == table and saved["source"] == "bench/results/run.json"
+    assert {(e["op"], e["backend"]) for e in saved["entries"]} == {("vq_fwd", "cuda"), ("nearest_code", "triton")}
+    with pytest.raises(SystemExit, match="needs a GPU run"):
+        dispatch.update({"meta": {**meta, "kind": "cpu"}, "results": rows}, str(path), "x")
