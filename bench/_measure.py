@@ -294,6 +294,7 @@ def device_info(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()),
+        "settings": {k: v for k, v in os.environ.items() if k.startswith(("VAEKERNELS_", "TRITON_"))},
     }
     if device.type == "cuda":
         info.update(kind="cuda", device=torch.cuda.get_device_name(device), driver=_nvidia_driver(),

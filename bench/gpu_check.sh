@@ -54,8 +54,10 @@ sanitizer_path() {
 for stage in "${stages[@]}"; do
   case $stage in
     install)
-      archs=${VAEKERNELS_CUDA_ARCHS:-$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
-      step install env VAEKERNELS_CUDA_ARCHS="$archs" "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
+      archs=${VAEKERNELS_CUDA_ARCHS:-$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability()
+            if torch.cuda.is_available() else '')")}
+      step install env ${archs:+VAEKERNELS_CUDA_ARCHS="$archs"} "$PY" -m pip install --no-build-isolation --no-deps \
+        -e . ;;
     info)
       step info "$PY" -m vaekernels info ;;
     tests)

@@ -1,7 +1,7 @@
 """Test setup: without a GPU, Triton kernels run on CPU tensors through Triton's interpreter.
 
-TRITON_INTERPRET must be set before any @triton.jit kernel is defined, so it is set here, before vaekernels
-is imported. With a GPU the same tests run the compiled kernels on CUDA tensors.
+TRITON_INTERPRET (and VAEKERNELS_AUTOTUNE) must be set before any @triton.jit kernel is defined, so they are
+set here, before vaekernels is imported. With a GPU the same tests run the compiled kernels on CUDA tensors.
 """
 import os
 
@@ -11,6 +11,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# one search config instead of autotuning per shape (each tuning compiles every config); the configs are
+# covered by tests/test_backends.py::test_every_search_config and, compiled, by tests/test_triton_compile.py
+os.environ.setdefault("VAEKERNELS_AUTOTUNE", "0")
 
 import vaekernels as vk  # noqa: E402
 from vaekernels import _backend  # noqa: E402

@@ -10,6 +10,11 @@ import vaekernels as vk
 from vaekernels.ops.vq import quantize_with_stats
 from vaekernels.reference import philox
 
+try:
+    from vaekernels.triton import vq as tvq
+except ImportError:  # triton is not installed: the Triton tests skip
+    tvq = None
+
 from .conftest import DEVICE, FUSED_BACKENDS, HAS_CUDA, assert_close
 
 pytestmark = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend available (install triton)")
@@ -125,6 +130,29 @@ def test_nearest_code_large_d_and_k(backend, n, k, d):
     with vk.use_backend(backend):
         idx = vk.nearest_code(z, cb)
     assert torch.equal(idx.cpu(), torch.cdist(z.double().cpu(), cb.double().cpu()).argmin(1))
+
+
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("config", range(len(tvq.SEARCH_CONFIGS) if tvq else 1))
+@pytest.mark.parametrize("precision", ["exact", "tf32"])
+def test_every_search_config(monkeypatch, config, precision):
+    """Each tile shape the GPU autotuner may pick gives the reference's results (the suite itself runs one
+    config: VAEKERNELS_AUTOTUNE=0), with tails in N, K and D and D looped over several tiles."""
+    monkeypatch.setattr(tvq._search_kernel, "configs", [tvq.SEARCH_CONFIGS[config]])
+    monkeypatch.setattr(tvq._search_kernel, "cache", {})
+    g = torch.Generator().manual_seed(config)
+    cb = torch.randn(150, 70, generator=g)
+    z = cb[torch.randint(0, 150, (133,), generator=g)] + 0.05 * torch.randn(133, 70, generator=g)
+    z, cb = z.to(DEVICE).requires_grad_(), cb.to(DEVICE).requires_grad_()
+
+    def run():
+        r, counts, sums, _ = quantize_with_stats(z, cb, precision=precision, with_sums=True)
+        return (r.quantized, r.loss, sums) + torch.autograd.grad(r.loss, (z, cb)), r.indices, counts
+
+    (a, ia, ca), (e, ie, ce) = _run_both("triton", run)
+    assert torch.equal(ia, ie) and torch.equal(ca, ce)
+    for x, y in zip(a, e):
+        assert_close(x, y, scale=5)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
