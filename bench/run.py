@@ -214,6 +214,9 @@ _build_compiled_formula = _formula_builder(lambda c: EAGER_FORMULAS, _eager_modu
 
 def _build_compiled(case: Case, plan: Plan, competitor):
     """torch.compile of the eager formula, static shapes, compiled afresh per case (warm-up includes compiling)."""
+    if plan.size == "quick" and (case.mode != "fwd" or case.op != case.set.ops[0]):
+        raise Skip("--quick compiles one graph per shape set (the forward of its first op): compiling takes "
+                   "seconds per graph")
     if plan.device.type == "cpu":
         if not plan.cpu_compile:
             raise Skip("torch.compile is not run on the CPU by default: compiling takes 10-60 s per graph on a "

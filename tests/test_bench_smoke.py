@@ -81,3 +81,13 @@ def test_figures_and_markdown(quick_run):
     assert data["meta"]["kind"] == "cuda" or "CPU" in markdown.splitlines()[0]
     for op in OPS[:-1]:
         assert f"#### {op}" in markdown
+
+
+def test_gpu_check_script_parses_and_names_its_stages():
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script, "no-such-stage"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "unknown stage 'no-such-stage'" in proc.stderr
+    for stage in ("install", "info", "tests", "bench", "compile", "sanitizer"):
+        assert stage in proc.stderr
