@@ -15,25 +15,21 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _CHUNK = 1 << 20  # elements per chunk, bounds the int64 temporaries
 
 
-def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of a * b for a uint32 constant `a` and uint32 values in int64 `b`, without overflow."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    t = a * b_lo  # < 2**48
-    s = (t >> 16) + a * b_hi  # a*b = s * 2**16 + (t & 0xffff), s < 2**49
-    return s >> 16, ((s & 0xFFFF) << 16) | (t & 0xFFFF)
-
-
 def philox_uint32x2(seed: torch.Tensor | int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two uint32 outputs (as int64) of Philox4x32-10 for each offset (seed: int or 0-d int64 tensor on
-    the offsets' device, read on that device, so a GPU seed is never copied to the host)."""
+    the offsets' device, read on that device, so a GPU seed is never copied to the host).
+
+    Each round multiplies two uint32 words by uint32 constants: the product is below 2**64 and int64
+    multiplication wraps modulo 2**64, so its high and low words come out exact. Updates run in place."""
     c0, c1 = offsets & _M32, (offsets >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
-        hi_b, lo_b = _mul32(_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        prod_b, prod_a = c2.mul_(_ROUND_B), c0.mul_(_ROUND_A)
+        c0 = (prod_b >> 32).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_M32)
+        c2 = (prod_a >> 32).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_M32)
+        c1, c3 = prod_b.bitwise_and_(_M32), prod_a.bitwise_and_(_M32)
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0, c1
 
