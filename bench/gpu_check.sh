@@ -8,7 +8,7 @@
 #   install    pip install --no-build-isolation --no-deps -e . for this GPU's architecture only (fast build;
 #              VAEKERNELS_CUDA_ARCHS overrides)
 #   tests      python -m pytest -q tests (GPU parity: CUDA vs Triton vs PyTorch)
-#   bench      bench/run.py without torch.compile, --save, --dispatch (BENCH_ARGS overrides the selection)
+#   bench      bench/run.py without torch.compile, --save --dispatch --readme (BENCH_ARGS overrides the selection)
 #   compile    bench/run.py for torch.compile of the eager formulas alone (about 90 graphs: slow)
 #   sanitizer  compute-sanitizer memcheck and racecheck over tests/test_cuda.py at reduced sizes
 #
@@ -64,9 +64,9 @@ for stage in "${stages[@]}"; do
       step tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests ;;
     bench)
       # shellcheck disable=SC2086 # BENCH_ARGS is a list of options
-      step bench "$PY" bench/run.py --no-progress --save --dispatch \
+      step bench "$PY" bench/run.py --no-progress --save --dispatch --readme \
         ${BENCH_ARGS:---competitors eager,vaekernels,vector-quantize-pytorch,diffusers,faiss,pykeops}
-      produced+=("$name.json" "$name.md" "$name.png" vaekernels/dispatch.json) ;;
+      produced+=("$name.json" "$name.md" "$name.png" vaekernels/dispatch.json README.md) ;;
     compile)
       step compile "$PY" bench/run.py --no-progress --competitors torch.compile --json "${name}-compile.json"
       produced+=("${name}-compile.json") ;;

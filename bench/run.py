@@ -3,7 +3,7 @@ eager PyTorch formula, torch.compile of it, each vaekernels backend and the libr
 
     python bench/run.py [--quick] [--device auto|cpu|cuda] [--ops a,b] [--shapes a,b] [--competitors a,b]
                         [--json PATH] [--markdown [PATH]] [--plot PATH] [--save] [--from-json PATH] [--cpu-compile]
-                        [--dispatch]
+                        [--dispatch] [--readme]
 
 Defaults to the GPU when there is one (the shapes the models train with), else the CPU with CPU-sized shapes
 (the two issue-2 figures keep their full size; torch.compile only with --cpu-compile, as compiling would take
@@ -11,7 +11,8 @@ longer than the rest). --quick: tiny shapes of one set per code path, every comp
 Prints a table of speedups against the eager formula and writes JSON (default bench/out/results-<device>.json);
 --markdown writes (or prints) the self-contained table block README's performance section is made of; --save
 writes JSON, markdown and plot under bench/results/ (see bench/results/README.md); --from-json renders a saved run;
---dispatch writes the GPU's per-op, per-size backend choice for "auto" into vaekernels/dispatch.json (dispatch.py).
+--dispatch writes the GPU's per-op, per-size backend choice for "auto" into vaekernels/dispatch.json (dispatch.py);
+--readme regenerates README's performance block for the run's device kind (headline table, link to the full one).
 
 Each comparison fails soft: a failing alternative becomes an error string in its row. On the CPU every
 comparison runs in a forked child (fresh peak-RSS measurement, an address-space cap, a time limit); the parent
@@ -693,6 +694,57 @@ def markdown_report(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+HEADLINE_COLUMNS = ("torch.compile", "vector-quantize-pytorch", "diffusers", "faiss", "pykeops")
+
+
+def headline(data: dict, tables: str) -> str:
+    """README's block for one run: per op, set and mode at the set's largest shape, the eager time, the best
+    vaekernels backend (speedup and memory against eager) and the other competitors' speedups; `tables` names
+    the full report."""
+    meta, rows = data["meta"], [r for r in data["results"] if r["status"] == "ok"]
+    versions = f"torch {meta['torch']}, triton {meta['triton']}"
+    if meta["kind"] == "cuda":
+        versions += f", CUDA {meta['cuda']}, driver {meta['driver']}"
+    last = {}
+    for r in rows:
+        key = (r["op"], r["set"])
+        last[key] = max(last.get(key, 0), r["index"])
+    columns = [c for c in HEADLINE_COLUMNS if any(r["competitor"] == c for r in rows)]
+    out = [f"Measured on {meta['device']}, {meta['date'][:10]} ({versions}; `{meta['command']}`), the largest "
+           f"shape of each set; speedup and peak memory against the eager formula. Full tables: `{tables}`.", "",
+           "| op | set, shape | mode | eager | vaekernels | " + " | ".join(columns) + " |",
+           "|" + "---|" * (5 + len(columns))]
+    for op in OPS:
+        here = [r for r in rows if r["op"] == op and r["index"] == last[op, r["set"]]]
+        for set_name, shape, mode in dict.fromkeys((r["set"], r["shape"], r["mode"]) for r in here):
+            by = {r["competitor"]: r for r in here if (r["set"], r["shape"], r["mode"]) == (set_name, shape, mode)}
+            if "eager" not in by:
+                continue
+            ours = [r for n, r in by.items() if n.startswith("vaekernels") and r.get("speedup")]
+            best = max(ours, key=lambda r: r["speedup"]) if ours else None
+            ours_cell = "—"
+            if best:
+                memory = f" · {100 * best['memory_ratio']:.0f}% mem" if best.get("memory_ratio") else ""
+                ours_cell = f"**{best['speedup']:.2f}×** ({best['competitor'][11:-1]}){memory}"
+            others = [f"{by[c]['speedup']:.2f}×" if c in by and by[c].get("speedup") else "—" for c in columns]
+            eager_ms = fmt_time(by["eager"]["times_ms"]["median"])
+            out.append(f"| {_op_title(op)} | {set_name}, {shape} | {mode} | {eager_ms} | {ours_cell} | "
+                       + " | ".join(others) + " |")
+    return "\n".join(out + ["", *_summary_lines(data, markdown=True)]) + "\n"
+
+
+def update_readme(path: str, kind: str, block: str) -> None:
+    """Replace README's generated block for `kind` ("cpu" or "cuda"), between its two marker comments."""
+    start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    _write(path, f"{head}{start}\n{block}{end}{tail}")
+
+
 def plot(data: dict, path: str) -> None:
     """PNG of speedup against eager vs problem size, one panel per op, a line per competitor and mode."""
     import matplotlib
@@ -814,6 +866,8 @@ def main(argv=None) -> None:
     parser.add_argument("--from-json", metavar="PATH", help="render a saved run instead of running")
     parser.add_argument("--cpu-compile", action="store_true", help="run torch.compile on the CPU too (slow: "
                         "compiles a graph per op, mode and set)")
+    parser.add_argument("--readme", action="store_true", help="regenerate README's performance block for this "
+                        "run's kind (CPU or GPU) from it; with --save or --from-json, whose markdown it links")
     parser.add_argument("--dispatch", action="store_true", help="write this GPU run's fastest fused backend per "
                         "op and size into vaekernels/dispatch.json (the table \"auto\" uses)")
     parser.add_argument("--timeout", type=float, help="seconds per comparison on the CPU (default 900, quick 120)")
@@ -848,6 +902,13 @@ def main(argv=None) -> None:
     if "plot" in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(outputs["plot"])), exist_ok=True)
         plot(data, outputs["plot"])
+    if args.readme:
+        tables = outputs.get("markdown") if args.save else args.from_json and args.from_json[:-5] + ".md"
+        if not tables:
+            raise SystemExit("--readme needs --save or --from-json (the block links the full tables)")
+        update_readme(os.path.join(ROOT, "README.md"), data["meta"]["kind"],
+                      headline(data, os.path.relpath(tables, ROOT)))
+        outputs["readme"] = os.path.join(ROOT, "README.md")
     if args.dispatch:
         source = os.path.relpath(args.from_json or outputs["json"], ROOT)
         print("\n" + dispatch.describe(dispatch.update(data, _backend.DISPATCH_TABLE, source)))

@@ -91,3 +91,23 @@ def test_gpu_check_script_parses_and_names_its_stages():
     assert proc.returncode == 2 and "unknown stage 'no-such-stage'" in proc.stderr
     for stage in ("install", "info", "tests", "bench", "compile", "sanitizer"):
         assert stage in proc.stderr
+
+
+@pytest.mark.slow
+def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import run
+
+    data = quick_run[0]
+    block = run.headline(data, "bench/results/x.md")
+    assert data["meta"]["device"] in block and "bench/results/x.md" in block
+    for op in ("reparameterize", "gaussian_kl", "nearest_code", "vector_quantize", "VectorQuantizer module"):
+        assert f"| {op}" in block
+    kind = data["meta"]["kind"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n<!-- bench:{kind}:start -->\nold\n<!-- bench:{kind}:end -->\nafter\n")
+    run.update_readme(str(readme), kind, block)
+    text = readme.read_text()
+    assert "old" not in text and block in text and text.startswith("before\n") and text.endswith("after\n")
+    with pytest.raises(SystemExit, match="no <!-- bench:other:start -->"):
+        run.update_readme(str(readme), "other", block)
