@@ -46,7 +46,7 @@ def test_fused_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
 
 def test_info_command_lists_every_backend():
     out = subprocess.run([sys.executable, "-m", "vaekernels", "info"], capture_output=True, text=True, check=True)
-    for name in ("torch", "triton", "cuda", "vaekernels", "CUDA extension"):
+    for name in ("torch", "triton", "cuda", "vaekernels", "CUDA extension", "auto on CUDA tensors"):
         assert name in out.stdout
     bad = subprocess.run([sys.executable, "-m", "vaekernels", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stdout

@@ -27,6 +27,10 @@ def info() -> None:
         print(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
     build = cuda.build_info()
     print("CUDA extension: " + ", ".join(f"{k}={v}" for k, v in build.items()))
+    tables = _backend.dispatch_tables()
+    print("auto on CUDA tensors: " + ("; ".join(f"{arch}: {len(t['entries'])} measured op/size choices "
+                                                 f"({t['device']}, {t['date'][:10]})" for arch, t in tables.items())
+                                      or "no measured table yet (bench/run.py --dispatch): CUDA, then Triton"))
 
 
 def main(argv=None) -> None:
