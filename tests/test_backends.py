@@ -155,6 +155,24 @@ def test_every_search_config(monkeypatch, config, precision):
         assert_close(x, y, scale=5)
 
 
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton is not available")
+def test_search_with_int64_offsets(monkeypatch):
+    """The search's int64-offset variant (taken from 2**31 elements, too large to test at that size) gives the
+    reference's results; channel-first rows, D looped and in one tile."""
+    monkeypatch.setattr(tvq, "WIDE_OFFSETS", 0)
+    for d in (5, 40):
+        z, cb = _tensor((2, d, 7, 3), torch.float32, d), _tensor((37, d), torch.float32, d + 1)
+
+        def run():
+            r, counts, sums, _ = quantize_with_stats(z, cb, dim=1, precision="tf32", with_sums=True)
+            return (r.quantized, r.loss, sums) + torch.autograd.grad(r.loss, (z, cb)), r.indices, counts
+
+        (a, ia, ca), (e, ie, ce) = _run_both("triton", run)
+        assert torch.equal(ia, ie) and torch.equal(ca, ce)
+        for x, y in zip(a, e):
+            assert_close(x, y, scale=5)
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_vq_nan_rows(backend):
     z = _tensor((20, 6), torch.float32, 0).detach()

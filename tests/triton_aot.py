@@ -9,7 +9,8 @@ shared memory each needs. Nothing is launched: a stand-in driver only names the 
     python tests/triton_aot.py launches.json --arch 80 90 --json report.json [--shard 0/2]
 
 A launch may name its "archs" (default: every --arch) and ask for "all_configs" of an autotuned kernel
-(default: the first config only, which is what compiles the code path).
+(default: the first config only, which is what compiles the code path). The report gives each compiled
+kernel's shared memory, registers and stack per thread (stack > 0: ptxas spilled registers, a speed hazard).
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import argparse
 import importlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 # shared memory per block (bytes) that a kernel may use on each architecture (CUDA programming guide)
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -56,6 +60,19 @@ def _driver(arch: int):
     return CompileOnlyDriver()
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack (spilled registers) per thread, from the cuobjdump that Triton bundles."""
+    import triton.backends.nvidia as nvidia
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump"),
+                              "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(found[1]), "stack": int(found[2])} if found else {}
+
+
 def _arg(spec):
     import torch
 
@@ -82,7 +99,10 @@ def compile_launch(launch: dict, arch: int) -> list[dict]:
     for variant in variants:
         compiled = jit.warmup(*args, grid=(1,), **kwargs, **variant)
         results.append({"kernel": launch["kernel"], "arch": arch, "config": variant, "autotuned": tuned,
-                        "shared": compiled.metadata.shared, "fits": compiled.metadata.shared <= SHARED_LIMIT[arch]})
+                        "all_configs": bool(launch.get("all_configs")),
+                        "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},
+                        "shared": compiled.metadata.shared, "fits": compiled.metadata.shared <= SHARED_LIMIT[arch],
+                        **resource_usage(compiled.asm["cubin"])})
     return results
 
 
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
                 report += compile_launch(launch, arch)
     for r in report:
         fits = "" if r["fits"] else " OVER THE LIMIT"
-        print(f"sm_{r['arch']} {r['kernel']} {r['config'] or ''} shared={r['shared']}{fits}")
+        print(f"sm_{r['arch']} {r['kernel'].rpartition('.')[2]} {r['constexprs']} {r['config'] or ''} "
+              f"shared={r['shared']}{fits} registers={r.get('registers')} stack={r.get('stack')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f)

@@ -22,11 +22,12 @@ from ._common import reduce_rows, row_layout
 
 _PRECISION = {"exact": 0, "tf32": 1, "bf16": 2}
 _EPS = 1e-6  # vector-quantize-pytorch's safe-division epsilon for the rotation trick
+WIDE_OFFSETS = 2**31  # from this many elements in z or the codebook, the search computes offsets in int64
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) the GPU autotuner tries, per K and D bucket
 SEARCH_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                  for bn, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                  for bn, bk, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3),
                                        (128, 32, 4, 4), (32, 128, 4, 4)]]
 
 
@@ -39,7 +40,16 @@ def _search_configs():
 
 
 @triton.jit
-def _dist_tile(z_tile, z_ptr, row_base, row_ok, cb_ptr, ks, k_ok, D, M,
+def _wide(x, WIDE: tl.constexpr):
+    """x as int64 when offsets may pass 2**31 (WIDE), else unchanged: 32-bit offsets halve the registers that
+    2-D tiles of addresses take, the search kernel's main pressure."""
+    if WIDE:
+        x = x.to(tl.int64)
+    return x
+
+
+@triton.jit
+def _dist_tile(z_tile, z_ptr, row_base, row_ok, cb_ptr, ks, k_ok, D, M, WIDE: tl.constexpr,
                ONE_D_TILE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """z.e for BLOCK_N rows x BLOCK_K codes, float32 accumulation, looping over D when it spans several tiles."""
@@ -51,9 +61,9 @@ def _dist_tile(z_tile, z_ptr, row_base, row_ok, cb_ptr, ks, k_ok, D, M,
         if ONE_D_TILE:
             zt = z_tile
         else:
-            zt = tl.load(z_ptr + row_base[:, None] + ds[None, :].to(tl.int64) * M,
+            zt = tl.load(z_ptr + row_base[:, None] + _wide(ds[None, :], WIDE) * M,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        et = tl.load(cb_ptr + ks[None, :].to(tl.int64) * D + ds[:, None], mask=k_ok[None, :] & d_ok[:, None],
+        et = tl.load(cb_ptr + _wide(ks[None, :], WIDE) * D + ds[:, None], mask=k_ok[None, :] & d_ok[:, None],
                      other=0.0).to(tl.float32)
         if PRECISION == 2:
             dot = tl.dot(zt.to(tl.bfloat16), et.to(tl.bfloat16), dot)
@@ -65,14 +75,15 @@ def _dist_tile(z_tile, z_ptr, row_base, row_ok, cb_ptr, ks, k_ok, D, M,
 
 
 @triton.jit
-def _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, code, D, M, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, code, D, M,
+                WIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """float32 ||e||^2 - 2 z.e between each row and one code per row (the re-scoring of fast precisions)."""
     dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (ds[None, :] < D)
-        zt = tl.load(z_ptr + row_base[:, None] + ds[None, :].to(tl.int64) * M, mask=mask, other=0.0).to(tl.float32)
-        et = tl.load(cb_ptr + code[:, None].to(tl.int64) * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(z_ptr + row_base[:, None] + _wide(ds[None, :], WIDE) * M, mask=mask, other=0.0).to(tl.float32)
+        et = tl.load(cb_ptr + _wide(code[:, None], WIDE) * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(zt * et, axis=1)
     return tl.load(norms_ptr + code, mask=row_ok, other=0.0) - 2.0 * dot
 
@@ -82,16 +93,16 @@ def _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, code, D, M, BLOCK_N:
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_ptr, q_ptr, sq_ptr, counts_ptr, sums_ptr,
                    N, K, D, M, DM, k_bucket, d_bucket,
-                   PRECISION: tl.constexpr, EPILOGUE: tl.constexpr, WITH_SUMS: tl.constexpr,
+                   WIDE: tl.constexpr, PRECISION: tl.constexpr, EPILOGUE: tl.constexpr, WITH_SUMS: tl.constexpr,
                    ONE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _wide(pid, WIDE) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_base = (rows // M) * DM + rows % M  # element d of row n sits at row_base + d * M
     d_lanes = tl.arange(0, BLOCK_D)
     z_tile = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if ONE_D_TILE:  # small D: the rows stay in registers for the whole sweep
-        z_tile = tl.load(z_ptr + row_base[:, None] + d_lanes[None, :].to(tl.int64) * M,
+        z_tile = tl.load(z_ptr + row_base[:, None] + _wide(d_lanes[None, :], WIDE) * M,
                          mask=row_ok[:, None] & (d_lanes[None, :] < D), other=0.0).to(tl.float32)
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -103,7 +114,7 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_ptr, q_ptr, sq_ptr, counts_ptr,
         ks = k0 + k_lanes
         k_ok = ks < K
         dot = _dist_tile(z_tile, z_ptr, row_base, row_ok, cb_ptr, ks, k_ok, D, M,
-                         ONE_D_TILE, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                         WIDE, ONE_D_TILE, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         norms = tl.load(norms_ptr + ks, mask=k_ok, other=0.0)
         dist = norms[None, :] - 2.0 * dot
         has_nan = tl.maximum(has_nan, tl.max((dist != dist).to(tl.int32), axis=1))
@@ -122,8 +133,8 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_ptr, q_ptr, sq_ptr, counts_ptr,
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, tile_arg, best_idx)
     if PRECISION != 0:
-        d1 = _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, best_idx, D, M, BLOCK_N, BLOCK_D)
-        d2 = _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, second_idx, D, M, BLOCK_N, BLOCK_D)
+        d1 = _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, best_idx, D, M, WIDE, BLOCK_N, BLOCK_D)
+        d2 = _exact_dist(z_ptr, row_base, row_ok, cb_ptr, norms_ptr, second_idx, D, M, WIDE, BLOCK_N, BLOCK_D)
         swap = (second < float("inf")) & ((d2 < d1) | ((d2 == d1) & (second_idx < best_idx)))
         best_idx = tl.where(swap, second_idx, best_idx)
     nan_row = has_nan > 0
@@ -134,15 +145,15 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_ptr, q_ptr, sq_ptr, counts_ptr,
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + d_lanes
             mask = row_ok[:, None] & (ds[None, :] < D)
-            offs = row_base[:, None] + ds[None, :].to(tl.int64) * M
+            offs = row_base[:, None] + _wide(ds[None, :], WIDE) * M
             zt = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            et = tl.load(cb_ptr + best_idx[:, None].to(tl.int64) * D + ds[None, :], mask=mask, other=0.0)
+            et = tl.load(cb_ptr + _wide(best_idx[:, None], WIDE) * D + ds[None, :], mask=mask, other=0.0)
             et = tl.where(nan_row[:, None], float("nan"), et.to(tl.float32))
             tl.store(q_ptr + offs, et.to(q_ptr.dtype.element_ty), mask=mask)
             diff = tl.where(mask, et - zt, 0.0)
             sq += tl.sum(diff * diff, axis=1)
             if WITH_SUMS:
-                tl.atomic_add(sums_ptr + best_idx[:, None].to(tl.int64) * D + ds[None, :], zt,
+                tl.atomic_add(sums_ptr + _wide(best_idx[:, None], WIDE) * D + ds[None, :], zt,
                               mask=mask & valid[:, None])
         tl.store(sq_ptr + pid, tl.sum(sq, axis=0))
         tl.atomic_add(counts_ptr + best_idx, tl.full((BLOCK_N,), 1, tl.int64), mask=valid)
@@ -241,7 +252,10 @@ def _segment_kernel(z_ptr, cb_ptr, order_ptr, starts_ptr, counts_ptr, scale_ptr,
 
 
 def _block_d(d: int) -> int:
-    return max(16, min(triton.next_power_of_2(d), 64))
+    """The D tile of the search: all of D up to 32 (the rows then stay in registers for the whole sweep), else
+    16-wide tiles looped over D. Wider tiles make ptxas spill (sm_90, cuobjdump: at D = 64 in one tile, 0.4 to
+    1.5 KB of stack per thread across the autotuning configs; 16-wide tiles: none on the tensor-core paths)."""
+    return max(16, triton.next_power_of_2(d)) if d <= 32 else 16
 
 
 def _bucket(x: int) -> int:
@@ -263,7 +277,8 @@ def _search(zc, n, d, m, dm, codebook, precision, epilogue, with_sums):
     block_d = _block_d(d)
     _search_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         zc, cb, norms, idx, q, sq, counts, sums, n, k, d, m, dm, _bucket(k), _bucket(d),
-        PRECISION=_PRECISION[precision], EPILOGUE=epilogue, WITH_SUMS=with_sums, ONE_D_TILE=d <= block_d,
+        WIDE=max(zc.numel(), cb.numel()) >= WIDE_OFFSETS, PRECISION=_PRECISION[precision], EPILOGUE=epilogue,
+        WITH_SUMS=with_sums, ONE_D_TILE=d <= block_d,
         BLOCK_D=block_d)
     return idx, q, sq, counts, (sums if with_sums else None)
 
@@ -314,7 +329,8 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     scatter = d_codebook is not None and not torch.are_deterministic_algorithms_enabled()
     dz = torch.empty_like(zc)
     dcb = torch.zeros(cb.shape, dtype=torch.float32, device=z.device) if scatter else None
-    block_n, block_d = 32, min(triton.next_power_of_2(d), 128)
+    # 32 x 32 tiles: wider D tiles make ptxas spill (sm_90: 128 wide, up to 288 bytes of stack per thread)
+    block_n, block_d = 32, min(triton.next_power_of_2(d), 32)
     _backward_kernel[(triton.cdiv(n, block_n),)](
         dq.contiguous() if dq is not None else zc, zc, cb, idx, d_commit if d_commit is not None else zc,
         d_codebook if scatter else zc, dz, dcb if scatter else zc, n, d, m, dm, scale,
