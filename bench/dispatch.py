@@ -1,7 +1,8 @@
 """The "auto" backend table from a GPU benchmark run: per op and problem size, the faster fused backend.
 
 `python bench/run.py --dispatch` (or `--from-json RUN.json --dispatch`) writes the entries of the run's GPU
-architecture into vaekernels/dispatch.json, which `vaekernels._backend.choose` reads. Entries come from the
+architecture into vaekernels/dispatch.json (or the file VAEKERNELS_DISPATCH_TABLE names), which
+`vaekernels._backend.choose` reads. Entries come from the
 rows of vaekernels[cuda] and vaekernels[triton] measured side by side: forward times for the forward ops, and
 forward+backward minus forward for the backward ops. A partial run (--ops, --shapes) replaces only the entries
 it measured, so a table can be built over several commands.
@@ -63,8 +64,10 @@ def update(data: dict, path: str, source: str) -> dict:
     new = entries(data["results"])
     if not new:
         raise SystemExit("--dispatch: no op was measured with both vaekernels[cuda] and vaekernels[triton]")
-    with open(path) as f:
-        doc = json.load(f)
+    doc = {"tables": {}}
+    if os.path.exists(path):  # a new file when VAEKERNELS_DISPATCH_TABLE names one
+        with open(path) as f:
+            doc = json.load(f)
     table = doc["tables"].get(meta["capability"], {"entries": []})
     measured = {(e["op"], tuple(e["size"])) for e in new}
     kept = [e for e in table["entries"] if (e["op"], tuple(e["size"])) not in measured]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -105,3 +106,38 @@ def test_update_merges_a_partial_run_into_the_table_file(tmp_path):
     assert {(e["op"], e["backend"]) for e in saved["entries"]} == {("vq_fwd", "cuda"), ("nearest_code", "triton")}
     with pytest.raises(SystemExit, match="needs a GPU run"):
         dispatch.update({"meta": {**meta, "kind": "cpu"}, "results": rows}, str(path), "x")
+
+
+def test_bench_dispatch_command_writes_the_table_of_a_gpu_run(tmp_path):
+    """`bench/run.py --from-json RUN --dispatch` end to end, on a GPU run made up from a CPU one, writing to the
+    file VAEKERNELS_DISPATCH_TABLE names; a CPU run is refused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "results", "cpu-2core-20261125.json")) as f:
+        cpu = json.load(f)
+    rows = []
+    for r in cpu["results"]:
+        if r["competitor"] == "vaekernels[torch]" and r["status"] == "ok" and r["op"] in dispatch.SOURCES:
+            for backend, factor in (("cuda", 1.0), ("triton", 2.0 if r["op"] in dispatch.VAE_OPS else 0.5)):
+                times = {**r["times_ms"], "median": r["times_ms"]["median"] * factor}
+                rows.append({**r, "competitor": f"vaekernels[{backend}]", "backend": backend, "times_ms": times})
+    gpu = {**cpu, "results": rows, "meta": {**cpu["meta"], "kind": "cuda", "capability": "sm_90", "device": "GPU",
+                                             "cuda": "13.0", "driver": "test"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    (tmp_path / "cpu.json").write_text(json.dumps(cpu))
+    table = tmp_path / "table.json"
+    env = {**os.environ, "VAEKERNELS_DISPATCH_TABLE": str(table)}
+
+    def bench(run):
+        return subprocess.run([sys.executable, os.path.join(root, "bench", "run.py"), "--from-json",
+                               str(tmp_path / run), "--dispatch"], env=env, capture_output=True, text=True)
+
+    refused = bench("cpu.json")
+    assert refused.returncode != 0 and "needs a GPU run" in refused.stderr and not table.exists()
+    done = bench("gpu.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = json.loads(table.read_text())["tables"]["sm_90"]["entries"]
+    assert entries and {e["backend"] for e in entries if e["op"].startswith("gaussian")} == {"cuda"}
+    assert {e["backend"] for e in entries if e["op"] in ("vq_fwd", "nearest_code")} == {"triton"}
+    # backward = fwdbwd - fwd, clipped at 0 (noisy runs): where the two tie at 0, the default order's cuda
+    assert all(e["backend"] == ("triton" if e["ms"]["cuda"] > 0 else "cuda") for e in entries if e["op"] == "vq_bwd")
+    assert "dispatch table for GPU" in done.stdout

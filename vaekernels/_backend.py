@@ -3,7 +3,8 @@
 Every op calls `implementation(op, device, size)` at run time (inside the registered torch.library op),
 so the choice follows `set_backend` / `use_backend` / VAEKERNELS_BACKEND even under torch.compile.
 "auto" on CUDA tensors picks, per op and problem size, the backend the benchmark measured fastest on this GPU
-architecture (dispatch.json, written by `python bench/run.py --dispatch`), else CUDA, then Triton.
+architecture (dispatch.json, written by `python bench/run.py --dispatch`; VAEKERNELS_DISPATCH_TABLE names
+another), else CUDA, then Triton.
 """
 from __future__ import annotations
 
@@ -104,13 +105,19 @@ def resolve_name(op: str, device: torch.device, size: tuple[int, ...] = ()) -> s
 # the dispatch points and what their `size` is: elements for the Gaussian ops, (N rows, K codes, D) for VQ
 DISPATCH_OPS = {"gaussian_fwd": ("elements",), "gaussian_bwd": ("elements",), "nearest_code": ("N", "K", "D"),
                 "vq_fwd": ("N", "K", "D"), "vq_bwd": ("N", "K", "D")}
-DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
+# the measured table "auto" reads: the one shipped with the package, or VAEKERNELS_DISPATCH_TABLE, e.g. a table
+# measured on your own GPU by `python bench/run.py --dispatch` (which writes to the same path)
+SHIPPED_DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
+DISPATCH_TABLE = os.environ.get("VAEKERNELS_DISPATCH_TABLE") or SHIPPED_DISPATCH_TABLE
 _FUSED = ("cuda", "triton")  # the order "auto" tries on a GPU without a measured table
 
 
 @functools.lru_cache(maxsize=None)
 def dispatch_tables() -> dict:
     """{architecture such as "sm_90": {"device", "source", "date", "entries": [{"op", "size", "backend"}]}}."""
+    if not os.path.exists(DISPATCH_TABLE):
+        raise FileNotFoundError(f"VAEKERNELS_DISPATCH_TABLE={DISPATCH_TABLE!r} does not exist; write one there with "
+                                "`python bench/run.py --dispatch` on the GPU, or unset it for the shipped table")
     with open(DISPATCH_TABLE) as f:
         return json.load(f)["tables"]
 
