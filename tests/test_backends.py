@@ -156,10 +156,11 @@ def test_every_search_config(monkeypatch, config, precision):
 
 
 @pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton is not available")
-def test_search_with_int64_offsets(monkeypatch):
-    """The search's int64-offset variant (taken from 2**31 elements, too large to test at that size) gives the
-    reference's results; channel-first rows, D looped and in one tile."""
-    monkeypatch.setattr(tvq, "WIDE_OFFSETS", 0)
+def test_int64_offset_variants(monkeypatch):
+    """The kernels' int64-offset variants (taken from 2**31 elements, too large to test at that size) give the
+    reference's results: the search with channel-first rows, D looped and in one tile, and the Gaussian backward
+    (same Philox draws as the forward, per-latent and per-sample weights)."""
+    monkeypatch.setattr(tvq._common, "WIDE_OFFSETS", 0)
     for d in (5, 40):
         z, cb = _tensor((2, d, 7, 3), torch.float32, d), _tensor((37, d), torch.float32, d + 1)
 
@@ -171,6 +172,16 @@ def test_search_with_int64_offsets(monkeypatch):
         assert torch.equal(ia, ie) and torch.equal(ca, ce)
         for x, y in zip(a, e):
             assert_close(x, y, scale=5)
+    mu, lv = _tensor((6, 333), torch.float32, 0), _tensor((6, 333), torch.float32, 1, 0.5)
+    for reduction in ("per_sample", "none"):
+
+        def run():
+            torch.manual_seed(5)
+            z, kl = vk.reparameterize_kl(mu, lv, reduction=reduction)
+            return (z, kl) + torch.autograd.grad((z * z).sum() + kl.sum() if kl.dim() else kl, (mu, lv))
+
+        for a, e in zip(*_run_both("triton", run)):
+            assert_close(a, e, scale=10)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

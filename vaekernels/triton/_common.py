@@ -1,4 +1,4 @@
-"""Launch helpers shared by the Triton kernels: deterministic partial-sum reduction and the row layout."""
+"""Launch helpers shared by the Triton kernels: offset width, deterministic partial-sum reduction, row layout."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,16 @@ import triton
 import triton.language as tl
 
 MAX_PROGRAMS = 1024  # programs that write partial sums; the second pass reduces at most this many per output
+WIDE_OFFSETS = 2**31  # from this many elements, kernels compute offsets in int64 (their WIDE variant)
+
+
+@triton.jit
+def _wide(x, WIDE: tl.constexpr):
+    """x as int64 when offsets may pass 2**31 (WIDE), else unchanged: 32-bit offsets take half the registers
+    of 64-bit ones in 2-D tiles of addresses, and 32-bit division is far cheaper than emulated 64-bit division."""
+    if WIDE:
+        x = x.to(tl.int64)
+    return x
 
 
 @triton.jit

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from ..reference import gaussian as reference
-from ._common import MAX_PROGRAMS, reduce_rows
+from . import _common
+from ._common import MAX_PROGRAMS, _wide, reduce_rows
 
 # kl_mode codes (constexpr in the kernels)
 NONE, ELEMENTWISE, SUM, LATENT, SAMPLE = 0, 1, 2, 3, 4
@@ -110,12 +111,12 @@ def _forward_kernel(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, o
 def _backward_kernel(dz_ptr, w_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr,
                      dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, n, L,
                      HAS_DZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """dmu = dz + w dKL/dmu, dlogvar = 0.5 dz sigma eps + w dKL/dlogvar, and the prior gradients, in one pass.
 
     w is the KL's incoming gradient: per element (1), one scalar (2), per latent column (3) or per sample row (4).
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _wide(tl.program_id(0), WIDE) * BLOCK + tl.arange(0, BLOCK)  # Philox draws the same for either width
     mask = offs < n
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dlv = tl.zeros_like(lv)
@@ -223,5 +224,6 @@ def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode
         prior_mu if prior_mu is not None else dummy, prior_logvar if prior_logvar is not None else dummy,
         seed if has_dz else dummy, dmu if dmu is not None else dummy, dlv,
         dpmu if dpmu is not None else dummy, dplv if dplv is not None else dummy, n, length,
-        HAS_DZ=has_dz, KL_MODE=mode, HAS_PMU=dpmu is not None, HAS_PLV=dplv is not None, BLOCK=BLOCK)
+        HAS_DZ=has_dz, KL_MODE=mode, HAS_PMU=dpmu is not None, HAS_PLV=dplv is not None,
+        WIDE=n + BLOCK >= _common.WIDE_OFFSETS, BLOCK=BLOCK)
     return dmu, dlv, dpmu, dplv

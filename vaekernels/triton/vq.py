@@ -18,11 +18,11 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from ..reference import vq as reference
-from ._common import reduce_rows, row_layout
+from . import _common
+from ._common import _wide, reduce_rows, row_layout
 
 _PRECISION = {"exact": 0, "tf32": 1, "bf16": 2}
 _EPS = 1e-6  # vector-quantize-pytorch's safe-division epsilon for the rotation trick
-WIDE_OFFSETS = 2**31  # from this many elements in z or the codebook, the search computes offsets in int64
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) the GPU autotuner tries, per K and D bucket
@@ -37,15 +37,6 @@ def _search_configs():
     if triton_interpreted():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return SEARCH_CONFIGS if os.environ.get("VAEKERNELS_AUTOTUNE", "1") != "0" else SEARCH_CONFIGS[:1]
-
-
-@triton.jit
-def _wide(x, WIDE: tl.constexpr):
-    """x as int64 when offsets may pass 2**31 (WIDE), else unchanged: 32-bit offsets halve the registers that
-    2-D tiles of addresses take, the search kernel's main pressure."""
-    if WIDE:
-        x = x.to(tl.int64)
-    return x
 
 
 @triton.jit
@@ -277,7 +268,7 @@ def _search(zc, n, d, m, dm, codebook, precision, epilogue, with_sums):
     block_d = _block_d(d)
     _search_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         zc, cb, norms, idx, q, sq, counts, sums, n, k, d, m, dm, _bucket(k), _bucket(d),
-        WIDE=max(zc.numel(), cb.numel()) >= WIDE_OFFSETS, PRECISION=_PRECISION[precision], EPILOGUE=epilogue,
+        WIDE=max(zc.numel(), cb.numel()) >= _common.WIDE_OFFSETS, PRECISION=_PRECISION[precision], EPILOGUE=epilogue,
         WITH_SUMS=with_sums, ONE_D_TILE=d <= block_d,
         BLOCK_D=block_d)
     return idx, q, sq, counts, (sums if with_sums else None)
