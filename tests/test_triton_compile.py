@@ -195,9 +195,10 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
         # a kernel launched with a fixed config must fit in shared memory; an autotuned one needs a fitting config
         assert all(r["fits"] for r in compiled if not r["autotuned"]), [r for r in compiled if not r["fits"]]
         assert any(r["fits"] for r in compiled if r["autotuned"])
-        # register spills (ptxas stack): none in fixed-config kernels (int64-offset variants: 32 bytes, the frame of
-        # 64-bit division), and each search variant compiled in every config has a config that does not spill
-        spills = [r for r in compiled if not r["autotuned"] and r["stack"] > (32 if r["constexprs"].get("WIDE") else 0)]
+        # register spills (ptxas stack): at most 32 bytes in fixed-config kernels, the frames of libdevice helpers
+        # (64-bit division in the int64-offset variants; with Triton 3.6, the cosine of the Philox normals), and
+        # each search variant compiled in every config has a config that does not spill
+        spills = [r for r in compiled if not r["autotuned"] and r["stack"] > 32]
         assert not spills, spills
         by_variant = {}
         for r in (r for r in search if r["all_configs"]):
