@@ -196,7 +196,7 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
         assert all(r["fits"] for r in compiled if not r["autotuned"]), [r for r in compiled if not r["fits"]]
         assert any(r["fits"] for r in compiled if r["autotuned"])
         # register spills (ptxas stack): at most 32 bytes in fixed-config kernels, the frames of libdevice helpers
-        # (64-bit division in the int64-offset variants; with Triton 3.6, the cosine of the Philox normals), and
+        # (64-bit division in the int64-offset variants; with Triton 3.6, the Philox normals' transcendentals), and
         # each search variant compiled in every config has a config that does not spill
         spills = [r for r in compiled if not r["autotuned"] and r["stack"] > 32]
         assert not spills, spills
