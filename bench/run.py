@@ -661,13 +661,19 @@ def _summary_lines(data: dict, markdown: bool) -> list[str]:
     return lines
 
 
-def markdown_report(data: dict) -> str:
-    """A self-contained markdown block: header naming the device and date, versions, one table per op."""
-    meta, rows = data["meta"], data["results"]
+def _versions(meta: dict) -> str:
+    """What the numbers ran on: torch and triton, and on a GPU the CUDA and driver versions."""
     versions = f"torch {meta['torch']}, triton {meta['triton']}"
     if meta["kind"] == "cuda":
         versions += f", CUDA {meta['cuda']}, driver {meta['driver']}"
-    else:
+    return versions
+
+
+def markdown_report(data: dict) -> str:
+    """A self-contained markdown block: header naming the device and date, versions, one table per op."""
+    meta, rows = data["meta"], data["results"]
+    versions = _versions(meta)
+    if meta["kind"] != "cuda":
         versions += f", load average {meta['load_average'][0]:.1f} at start"
     bw, peaks = meta.get("copy_bandwidth_gbps"), meta.get("peak_tflops")
     bw_text = f"{bw:.0f} GB/s" if bw else "n/a"
@@ -702,15 +708,12 @@ def headline(data: dict, tables: str) -> str:
     vaekernels backend (speedup and memory against eager) and the other competitors' speedups; `tables` names
     the full report."""
     meta, rows = data["meta"], [r for r in data["results"] if r["status"] == "ok"]
-    versions = f"torch {meta['torch']}, triton {meta['triton']}"
-    if meta["kind"] == "cuda":
-        versions += f", CUDA {meta['cuda']}, driver {meta['driver']}"
     last = {}
     for r in rows:
         key = (r["op"], r["set"])
         last[key] = max(last.get(key, 0), r["index"])
     columns = [c for c in HEADLINE_COLUMNS if any(r["competitor"] == c for r in rows)]
-    out = [f"Measured on {meta['device']}, {meta['date'][:10]} ({versions}; `{meta['command']}`), the largest "
+    out = [f"Measured on {meta['device']}, {meta['date'][:10]} ({_versions(meta)}; `{meta['command']}`), the largest "
            f"shape of each set; speedup and peak memory against the eager formula. Full tables: `{tables}`.", "",
            "| op | set, shape | mode | eager | vaekernels | " + " | ".join(columns) + " |",
            "|" + "---|" * (5 + len(columns))]

@@ -34,6 +34,21 @@ def _tensor(shape, dtype, seed, scale=1.0):
     return (scale * torch.randn(shape, generator=g)).to(DEVICE, dtype).requires_grad_()
 
 
+def _assert_vq_like_reference(backend, z, cb, dtype=torch.float32, w=None, **kwargs):
+    """quantize_with_stats on `backend` against the reference: equal indices and counts; close quantized rows,
+    loss, perplexity, EMA sums and the gradients of the loss (plus <quantized, w> when `w` is given)."""
+
+    def run():
+        r, counts, sums, _ = quantize_with_stats(z, cb, with_sums=True, **kwargs)
+        loss = r.loss.float() + ((r.quantized.float() * w).sum() if w is not None else 0.0)
+        return (r.quantized, r.loss, r.perplexity, sums) + torch.autograd.grad(loss, (z, cb)), r.indices, counts
+
+    (a, ia, ca), (e, ie, ce) = _run_both(backend, run)
+    assert torch.equal(ia, ie) and torch.equal(ca, ce)
+    for x, y in zip(a, e):
+        assert_close(x, y, dtype, scale=5)
+
+
 # shapes hit: one tile, many tiles with tails, the multi-program partial sums (> 16384 elements), long thin
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 5), (70, 257), (3000, 7), (1, 20001)])
@@ -110,16 +125,7 @@ def test_vq_parity(backend, shape, dim, k, estimator, dtype):
     z = _tensor(shape, dtype, 0)
     cb = _tensor((k, shape[dim]), dtype, 1)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-
-    def run():
-        r, counts, sums, _ = quantize_with_stats(z, cb, dim=dim, estimator=estimator, beta=0.3, with_sums=True)
-        loss = (r.quantized.float() * w).sum() + r.loss.float()
-        return (r.quantized, r.loss, r.perplexity, sums) + torch.autograd.grad(loss, (z, cb)), r.indices, counts
-
-    (a, ia, ca), (e, ie, ce) = _run_both(backend, run)
-    assert torch.equal(ia, ie) and torch.equal(ca, ce)
-    for x, y in zip(a, e):
-        assert_close(x, y, dtype, scale=5)
+    _assert_vq_like_reference(backend, z, cb, dtype, w, dim=dim, estimator=estimator, beta=0.3)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -144,15 +150,7 @@ def test_every_search_config(monkeypatch, config, precision):
     cb = torch.randn(150, 70, generator=g)
     z = cb[torch.randint(0, 150, (133,), generator=g)] + 0.05 * torch.randn(133, 70, generator=g)
     z, cb = z.to(DEVICE).requires_grad_(), cb.to(DEVICE).requires_grad_()
-
-    def run():
-        r, counts, sums, _ = quantize_with_stats(z, cb, precision=precision, with_sums=True)
-        return (r.quantized, r.loss, sums) + torch.autograd.grad(r.loss, (z, cb)), r.indices, counts
-
-    (a, ia, ca), (e, ie, ce) = _run_both("triton", run)
-    assert torch.equal(ia, ie) and torch.equal(ca, ce)
-    for x, y in zip(a, e):
-        assert_close(x, y, scale=5)
+    _assert_vq_like_reference("triton", z, cb, precision=precision)
 
 
 @pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton is not available")
@@ -163,15 +161,7 @@ def test_int64_offset_variants(monkeypatch):
     monkeypatch.setattr(tvq._common, "WIDE_OFFSETS", 0)
     for d in (5, 40):
         z, cb = _tensor((2, d, 7, 3), torch.float32, d), _tensor((37, d), torch.float32, d + 1)
-
-        def run():
-            r, counts, sums, _ = quantize_with_stats(z, cb, dim=1, precision="tf32", with_sums=True)
-            return (r.quantized, r.loss, sums) + torch.autograd.grad(r.loss, (z, cb)), r.indices, counts
-
-        (a, ia, ca), (e, ie, ce) = _run_both("triton", run)
-        assert torch.equal(ia, ie) and torch.equal(ca, ce)
-        for x, y in zip(a, e):
-            assert_close(x, y, scale=5)
+        _assert_vq_like_reference("triton", z, cb, dim=1, precision="tf32")
     mu, lv = _tensor((6, 333), torch.float32, 0), _tensor((6, 333), torch.float32, 1, 0.5)
     for reduction in ("per_sample", "none"):
 
