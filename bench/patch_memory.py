@@ -5,6 +5,7 @@ after vk.patch, at the shapes those projects train with.
 
 Cases: VQGAN (diffusers' VectorQuantizer, the port of taming's VectorQuantizer2) with 1024 and 16384 codes of
 256 dims on 16 images of 16x16 tokens; LlamaGen's tokenizer shape, 16384 codes of 8 dims on 65536 tokens;
+vector-quantize-pytorch's VectorQuantize with its defaults (EMA codebook, rotation trick) at the VQGAN shape;
 SoundStream/EnCodec, vector-quantize-pytorch's ResidualVQ with 8 quantizers of 1024 codes x 128 dims on
 16 clips of 10 s at 75 frames/s. --quick uses small shapes (a few minutes on a 2-core CPU).
 
@@ -30,12 +31,14 @@ CASES = {  # name: (kind, codes, dim, input shape, quantizers)
     "vqgan-1024x256": ("vqgan", 1024, 256, (16, 256, 16, 16), 1),
     "vqgan-16384x256": ("vqgan", 16384, 256, (16, 256, 16, 16), 1),
     "llamagen-16384x8": ("vqgan", 16384, 8, (64, 8, 32, 32), 1),
+    "vqpytorch-16384x256": ("vq", 16384, 256, (16, 256, 256), 1),
     "encodec-rvq-8x1024x128": ("rvq", 1024, 128, (16, 750, 128), 8),
 }
 QUICK_SHAPES = {
     "vqgan-1024x256": (2, 256, 16, 16),
     "vqgan-16384x256": (2, 256, 8, 8),
     "llamagen-16384x8": (4, 8, 16, 16),
+    "vqpytorch-16384x256": (2, 64, 256),
     "encodec-rvq-8x1024x128": (4, 75, 128),
 }
 
@@ -50,7 +53,10 @@ def _build(kind, codes, dim, quantizers):
         from diffusers.models.autoencoders.vae import VectorQuantizer
 
         return VectorQuantizer(codes, dim, beta=0.25), lambda out: out[0].square().mean() + out[1]
-    from vector_quantize_pytorch import ResidualVQ
+    from vector_quantize_pytorch import ResidualVQ, VectorQuantize
+
+    if kind == "vq":  # (batch, tokens, dim) input, every option at its default
+        return VectorQuantize(dim=dim, codebook_size=codes), lambda out: out[0].square().mean() + out[2].sum()
 
     module = ResidualVQ(dim=dim, num_quantizers=quantizers, codebook_size=codes)
     return module, lambda out: out[0].square().mean() + out[2].sum()

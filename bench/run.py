@@ -3,7 +3,7 @@ eager PyTorch formula, torch.compile of it, each vaekernels backend and the libr
 
     python bench/run.py [--quick] [--device auto|cpu|cuda] [--ops a,b] [--shapes a,b] [--competitors a,b]
                         [--json PATH] [--markdown [PATH]] [--plot PATH] [--save] [--from-json PATH] [--cpu-compile]
-                        [--dispatch] [--readme]
+                        [--dispatch] [--readme] [--first-contact]
 
 Defaults to the GPU when there is one (the shapes the models train with), else the CPU with CPU-sized shapes
 (the two issue-2 figures keep their full size; torch.compile only with --cpu-compile, as compiling would take
@@ -12,7 +12,8 @@ Prints a table of speedups against the eager formula and writes JSON (default be
 --markdown writes (or prints) the self-contained table block README's performance section is made of; --save
 writes JSON, markdown and plot under bench/results/ (see bench/results/README.md); --from-json renders a saved run;
 --dispatch writes the GPU's per-op, per-size backend choice for "auto" into vaekernels/dispatch.json (dispatch.py);
---readme regenerates README's performance block for the run's device kind (headline table, link to the full one).
+--readme regenerates README's performance block for the run's device kind (headline table, link to the full one);
+--first-contact measures only the first GPU contact's numbers (one shape per op, shapes.FIRST_CONTACT).
 
 Each comparison fails soft: a failing alternative becomes an error string in its row. On the CPU every
 comparison runs in a forked child (fresh peak-RSS measurement, an address-space cap, a time limit); the parent
@@ -42,7 +43,7 @@ from torch import nn  # noqa: E402
 import _measure  # noqa: E402
 import dispatch  # noqa: E402
 import vaekernels as vk  # noqa: E402
-from shapes import MODES, OPS, QUICK_SETS, VAE_OPS, Codes, Latent, ShapeSet, shape_sets  # noqa: E402
+from shapes import FIRST_CONTACT, MODES, OPS, QUICK_SETS, VAE_OPS, Codes, Latent, ShapeSet, shape_sets  # noqa: E402
 from vaekernels import _backend, eager  # noqa: E402
 
 
@@ -809,8 +810,10 @@ def _preload(competitors) -> None:
             importlib.import_module(modules[c.package])
 
 
-def benchmark(plan: Plan, ops, set_names, competitor_names, progress: bool = True) -> dict:
-    """Run the selected comparisons; the whole result as a JSON-ready dict."""
+def benchmark(plan: Plan, ops, set_names, competitor_names, progress: bool = True,
+              first_contact: bool = False) -> dict:
+    """Run the selected comparisons (with `first_contact`, only those at the shapes of shapes.FIRST_CONTACT); the
+    whole result as a JSON-ready dict."""
     from tqdm import tqdm
 
     sets = shape_sets(plan.size)
@@ -819,7 +822,14 @@ def benchmark(plan: Plan, ops, set_names, competitor_names, progress: bool = Tru
         sets = {n: s for n, s in sets.items() if n in set_names}
     competitors = tuple(c for c in COMPETITORS if not competitor_names or c.name == "eager"  # the baseline, always
                         or any(c.name == n or c.name.startswith(n) for n in competitor_names))
-    jobs = comparisons(cases(sets, tuple(ops or OPS)), competitors)
+    selected = cases(sets, tuple(ops or OPS))
+    if first_contact:
+        selected = [c for c in selected if (c.op, c.set.name, c.shape.label) in FIRST_CONTACT]
+        if not selected:
+            raise SystemExit("--first-contact: no shape of shapes.FIRST_CONTACT is among this device's (they are "
+                             "GPU-size): run it on a GPU")
+        sets = {n: s for n, s in sets.items() if any(c.set.name == n for c in selected)}
+    jobs = comparisons(selected, competitors)
     if plan.device.type == "cpu":
         _preload(competitors)
     meta = _measure.device_info(plan.device)
@@ -871,6 +881,8 @@ def main(argv=None) -> None:
                         "compiles a graph per op, mode and set)")
     parser.add_argument("--readme", action="store_true", help="regenerate README's performance block for this "
                         "run's kind (CPU or GPU) from it; with --save or --from-json, whose markdown it links")
+    parser.add_argument("--first-contact", action="store_true", help="only the first GPU contact's shapes, one per "
+                        "op (shapes.FIRST_CONTACT; bench/gpu_check.sh first-contact)")
     parser.add_argument("--dispatch", action="store_true", help="write this GPU run's fastest fused backend per "
                         "op and size into vaekernels/dispatch.json (the table \"auto\" uses)")
     parser.add_argument("--timeout", type=float, help="seconds per comparison on the CPU (default 900, quick 120)")
@@ -886,7 +898,8 @@ def main(argv=None) -> None:
         ops = _names(args.ops, OPS, "ops")
         set_names = _names(args.shapes, list(shape_sets("gpu")), "shape sets")
         competitor_names = _names(args.competitors, list(BY_NAME), "competitors")
-        data = benchmark(plan, ops, set_names, competitor_names, progress=not args.no_progress)
+        data = benchmark(plan, ops, set_names, competitor_names, progress=not args.no_progress,
+                         first_contact=args.first_contact)
     tag = device_tag(data["meta"])
     print(console_report(data))
     outputs = {}

@@ -85,6 +85,21 @@ class ShapeSet:
         return self.only is None or (op, mode) in self.only
 
 
+# bench/overhead.py: the sizes at which every op must be at least as fast as its eager formula, host path included
+OVERHEAD = {
+    "4x4": (Latent((4, 4)), Codes((4, 8), -1, 8)),
+    "64x128": (Latent((64, 128)), Codes((256, 64), -1, 512)),
+    "64x4x64x64": (Latent((64, 4, 64, 64)), Codes((8192, 64), -1, 4096)),
+}
+# bench/gpu_check.sh first-contact (`bench/run.py --first-contact`): the first GPU contact's headline numbers, one
+# shape per op from the GPU-size sets, as (op, set, shape label), forward and (where the op has one) forward+backward
+FIRST_CONTACT = (
+    ("reparameterize_kl", "bandwidth", "4096x4x32x32"),  # 2^24 float32 elements: % of the measured copy bandwidth
+    ("reparameterize_kl", "mlp-vae", "64x128"),  # the small latent, launch-bound (the run's launch counts are on it)
+    ("nearest_code", "llamagen", "N=65536 D=8 K=16384"),
+    ("nearest_code", "large", "N=16384 D=256 K=8192"),
+    ("vector_quantize", "vqgan", "N=4096 D=256 K=16384"),
+)
 ISSUE2_SPEED = Codes((16384, 64), -1, 8192)
 ISSUE2_MEMORY = Codes((65536, 8), -1, 16384)
 
@@ -120,8 +135,9 @@ def shape_sets(size: str) -> dict[str, ShapeSet]:
                         "(16 at GPU size)",
                  pick([Codes((16, 750, 128), -1, 1024, 8)], [Codes((1, 750, 128), -1, 1024, 8)],
                       [Codes((1, 30, 128), -1, 64, 2)])),
-        ShapeSet("large", "large search: rows of 256 dims (65536 at GPU size), 16384 codes",
-                 pick([Codes((65536, 256), -1, 16384)], [Codes((512, 256), -1, 16384)],
+        ShapeSet("large", "large search: rows of 256 dims, 16384 codes (GPU size: 16384 rows of 8192 codes, then "
+                          "65536 of 16384)",
+                 pick([Codes((16384, 256), -1, 8192), Codes((65536, 256), -1, 16384)], [Codes((512, 256), -1, 16384)],
                       [Codes((64, 256), -1, 256)])),
         ShapeSet("issue2", "issue 2 figures: vector_quantize fwd+bwd vs the eager formula (full size on the CPU too)",
                  pick([ISSUE2_SPEED, ISSUE2_MEMORY], [ISSUE2_SPEED, ISSUE2_MEMORY],

@@ -3,6 +3,7 @@
 TRITON_INTERPRET (and VAEKERNELS_AUTOTUNE) must be set before any @triton.jit kernel is defined, so they are
 set here, before vaekernels is imported. With a GPU the same tests run the compiled kernels on CUDA tensors.
 """
+import contextlib
 import os
 
 import pytest
@@ -40,3 +41,14 @@ def assert_close(actual, expected, dtype=torch.float32, scale=1.0):
     torch.testing.assert_close(actual.float() if dtype != torch.float64 else actual,
                                expected.float() if dtype != torch.float64 else expected,
                                atol=tol, rtol=tol, equal_nan=True)
+
+
+@contextlib.contextmanager
+def philox_reference():
+    """Run the reference backend on the Philox stream on CPU tensors too (it samples with torch's generator there),
+    so that its samples equal the fused backends' element by element."""
+    from vaekernels.reference import gaussian
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gaussian, "noise", gaussian.philox_noise)
+        yield

@@ -39,7 +39,7 @@ def test_fused_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     if not _backend.availability("triton")[0]:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_backend, "_choice", "triton")
+    monkeypatch.setattr(_backend, "_default", "triton")
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         _backend.implementation("vq_fwd", torch.device("cpu"))
 
@@ -50,3 +50,33 @@ def test_info_command_lists_every_backend():
         assert name in out.stdout
     bad = subprocess.run([sys.executable, "-m", "vaekernels", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stdout
+
+
+def test_use_backend_is_thread_local():
+    """A use_backend block changes the choice of its own thread only; set_backend is the process default."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def worker():
+        with vk.use_backend("torch"):
+            seen["worker"] = vk.get_backend()
+            inside.set()
+            release.wait(10)
+        seen["worker after"] = vk.get_backend()
+
+    vk.set_backend("auto")
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    seen["main"] = vk.get_backend()
+    with vk.use_backend("torch"):
+        vk.set_backend("auto")  # changes the default; this block's choice still wins here
+        seen["main block"] = vk.get_backend()
+    release.set()
+    thread.join(10)
+    assert seen == {"worker": "torch", "main": "auto", "main block": "torch", "worker after": "auto"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with vk.use_backend("fastest"):
+            pass

@@ -15,14 +15,14 @@ try:
 except ImportError:  # triton is not installed: the Triton tests skip
     tvq = None
 
-from .conftest import DEVICE, FUSED_BACKENDS, HAS_CUDA, assert_close
+from .conftest import DEVICE, FUSED_BACKENDS, HAS_CUDA, assert_close, philox_reference
 
 pytestmark = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend available (install triton)")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _run_both(backend, fn):
-    with vk.use_backend("torch"):
+    with vk.use_backend("torch"), philox_reference():
         expected = fn()
     with vk.use_backend(backend):
         actual = fn()

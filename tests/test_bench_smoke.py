@@ -83,16 +83,6 @@ def test_figures_and_markdown(quick_run):
         assert f"#### {op}" in markdown
 
 
-def test_gpu_check_script_parses_and_names_its_stages():
-    script = os.path.join(ROOT, "bench", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    proc = subprocess.run(["bash", script, "no-such-stage"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 2 and "unknown stage 'no-such-stage'" in proc.stderr
-    for stage in ("install", "info", "tests", "bench", "compile", "sanitizer"):
-        assert stage in proc.stderr
-
-
 @pytest.mark.slow
 def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -111,3 +101,37 @@ def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
     assert "old" not in text and block in text and text.startswith("before\n") and text.endswith("after\n")
     with pytest.raises(SystemExit, match="no <!-- bench:other:start -->"):
         run.update_readme(str(readme), "other", block)
+
+
+def test_kmeans_bench_quick(tmp_path):
+    """bench/kmeans.py --quick: both competitors run at both sizes, from the same seed to the same codebook."""
+    pytest.importorskip("vector_quantize_pytorch")
+    out = tmp_path / "kmeans.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "kmeans.py"), "--quick", "--iters", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["size"] for r in rows] == ["llamagen", "wide"]
+    for r in rows:
+        for competitor in ("vaekernels", "vector-quantize-pytorch"):
+            assert r[competitor]["status"] == "ok" and r[competitor]["seconds"] > 0, r
+            assert r[competitor]["peak_bytes"] is None or r[competitor]["peak_bytes"] >= 0
+        assert r["codes_agreeing"] == 1.0 and r["speedup"] > 0
+    assert "| llamagen, N=2048 D=8 K=512 | 2 |" in proc.stdout
+
+
+def test_overhead_benchmark_compares_every_op_with_its_eager_formula(tmp_path):
+    """bench/overhead.py at the smallest size: every public op against its eager formula, with speed and memory
+    ratios and host µs per call for both, written as JSON and a markdown table."""
+    out, table = tmp_path / "overhead.json", tmp_path / "overhead.md"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--sizes", "4x4", "--rounds", "1",
+           "--json", str(out), "--markdown", str(table)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code",
+                                       "vector_quantize"]
+    for r in rows:
+        assert r["speedup"] > 0 and r["eager_host_us"] > 0 and r["vaekernels_host_us"] > 0
+        assert math.isclose(r["speedup"], r["eager_ms"] / r["vaekernels_ms"])
+    assert "| reparameterize_kl |" in table.read_text()

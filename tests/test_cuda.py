@@ -8,7 +8,6 @@ VAEKERNELS_TEST_QUICK=1 shrinks the GPU sizes (bench/gpu_check.sh sets it under 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -22,6 +21,8 @@ from vaekernels import cuda as vk_cuda
 from vaekernels.ops.vq import quantize_with_stats
 from vaekernels.reference import philox
 from vaekernels.reference.vq import rows
+
+from .kernel_variants import deterministic
 
 try:
     from vaekernels import _C
@@ -203,17 +204,6 @@ def sq_dist64(zr, cb):
     return (zr * zr).sum(1, keepdim=True) + (cb * cb).sum(1) - 2.0 * zr @ cb.t()
 
 
-@contextlib.contextmanager
-def deterministic(enabled: bool):
-    """torch.use_deterministic_algorithms as a context; warn_only keeps cuBLAS (torch backend) usable without
-    CUBLAS_WORKSPACE_CONFIG, and vaekernels reads are_deterministic_algorithms_enabled(), which is True either way."""
-    before = torch.are_deterministic_algorithms_enabled()
-    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
 def channel_first_shape(n, d):

@@ -1,5 +1,6 @@
-"""The "auto" backend table: how it is read (vaekernels._backend) and how a GPU benchmark run writes it
-(bench/dispatch.py). The table itself holds GPU measurements; these tests use made-up ones."""
+"""What "auto" knows of GPUs: the verification records and measured tables of vaekernels/dispatch.json, how they are
+read (vaekernels._backend), how GPU runs write them (bench/dispatch.py) and how `python -m vaekernels info` reports
+them. The file itself holds GPU results; these tests use made-up ones."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,11 @@ import sys
 import pytest
 import torch
 
+from vaekernels import __main__ as cli
 from vaekernels import _backend
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import dispatch  # noqa: E402
 
 TABLE = {"sm_90": {"device": "test GPU", "entries": [
@@ -22,9 +25,22 @@ TABLE = {"sm_90": {"device": "test GPU", "entries": [
 ]}}
 
 
+VERIFIED = {"sm_90": {"cuda": {"device": "test GPU", "date": "2026-12-01T10:00:00+00:00",
+                                "source": "bench/results/test_GPU-20261201-gpu_check.log"}}}
+
+
 @pytest.fixture
 def table(monkeypatch):
     monkeypatch.setattr(_backend, "dispatch_tables", lambda: TABLE)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Both fused backends available, a GPU of architecture sm_90, CUDA verified there; `_auto` uncached."""
+    monkeypatch.setattr(_backend, "availability", lambda name: (name in ("triton", "cuda"), "test"))
+    monkeypatch.setattr(_backend, "_arch", lambda index: "sm_90")
+    monkeypatch.setattr(_backend, "verified_runs", lambda: VERIFIED)
+    return _backend._auto.__wrapped__
 
 
 def test_choose_takes_the_nearest_measured_size(table):
@@ -41,10 +57,8 @@ def test_choose_falls_back_to_the_default_order(table):
     assert _backend.choose("vq_fwd", (1024, 512, 8), "sm_90", ["cuda"]) == "cuda"
 
 
-def test_auto_on_cuda_tensors_reads_the_table(table, monkeypatch):
-    monkeypatch.setattr(_backend, "availability", lambda name: (name in ("triton", "cuda"), "test"))
-    monkeypatch.setattr(_backend, "_arch", lambda index: "sm_90")
-    auto = _backend._auto.__wrapped__  # uncached
+def test_auto_on_cuda_tensors_reads_the_table(table, gpu, monkeypatch):
+    auto = gpu
     assert auto("vq_fwd", torch.device("cuda", 0), (1024, 512, 8)) == "triton"
     assert auto("vq_fwd", torch.device("cuda", 0), (65536, 16384, 256)) == "cuda"
     assert auto("vq_fwd", torch.device("cpu"), (1024, 512, 8)) == "torch"
@@ -52,10 +66,48 @@ def test_auto_on_cuda_tensors_reads_the_table(table, monkeypatch):
     assert auto("vq_fwd", torch.device("cuda", 0), (1024, 512, 8)) == "torch"
 
 
+@pytest.mark.parametrize("records", [{}, {"sm_80": VERIFIED["sm_90"]}, {"sm_90": {}}])
+def test_auto_never_takes_an_unverified_cuda(table, gpu, monkeypatch, records):
+    """No record for the GPU's architecture (none at all, another architecture's, none for cuda): Triton, even where
+    the table measured CUDA faster, then the reference when Triton cannot run."""
+    auto = gpu
+    monkeypatch.setattr(_backend, "verified_runs", lambda: records)
+    cuda = torch.device("cuda", 0)
+    for op, size in [("vq_fwd", (65536, 16384, 256)), ("gaussian_fwd", (1 << 24,)), ("vq_bwd", (1024, 512, 8))]:
+        assert auto(op, cuda, size) == "triton"
+    monkeypatch.setattr(_backend, "availability", lambda name: (name == "cuda", "test"))
+    assert auto("vq_fwd", cuda, (65536, 16384, 256)) == "torch"
+
+
+def test_auto_without_a_table_takes_verified_cuda_then_triton(gpu, monkeypatch):
+    monkeypatch.setattr(_backend, "dispatch_tables", lambda: {})
+    cuda = torch.device("cuda", 0)
+    assert gpu("vq_fwd", cuda, (1024, 512, 8)) == "cuda"
+    monkeypatch.setattr(_backend, "_arch", lambda index: "sm_80")
+    assert gpu("vq_fwd", cuda, (1024, 512, 8)) == "triton"
+
+
+def test_info_says_what_auto_prefers_and_why(gpu, monkeypatch):
+    assert cli.auto_summary("sm_90")[0] == ("auto on CUDA tensors: cuda: verified on sm_90 (test GPU, 2026-12-01, "
+                                            "bench/results/test_GPU-20261201-gpu_check.log), auto prefers cuda")
+    assert cli.auto_summary("sm_80")[0] == "auto on CUDA tensors: cuda: unverified on sm_80, auto prefers triton"
+    no_gpu = cli.auto_summary(None)
+    assert no_gpu[0].startswith("auto on CUDA tensors of sm_90: cuda (verified: test GPU, 2026-12-01")
+    assert no_gpu[1].startswith("auto on CUDA tensors elsewhere: triton, then torch (cuda: unverified")
+    monkeypatch.setattr(_backend, "availability", lambda name: (name == "triton", "test"))
+    assert cli.auto_summary("sm_90")[0].endswith("but unavailable here, auto prefers triton")
+    monkeypatch.setattr(_backend, "verified_runs", lambda: {})
+    assert cli.auto_summary(None)[0].startswith("auto on CUDA tensors: triton, then torch (cuda: unverified")
+
+
 def test_the_committed_table_is_well_formed():
     with open(_backend.DISPATCH_TABLE) as f:
-        tables = json.load(f)["tables"]
-    for arch, table in tables.items():
+        doc = json.load(f)
+    for arch, records in doc["verified"].items():
+        assert arch.startswith("sm_") and set(records) <= {"cuda"}, records
+        for record in records.values():
+            assert record["device"] and record["date"] and os.path.exists(os.path.join(ROOT, record["source"])), record
+    for arch, table in doc["tables"].items():
         assert arch.startswith("sm_") and table["device"] and table["source"]
         for e in table["entries"]:
             assert e["backend"] in ("cuda", "triton"), e
@@ -108,11 +160,38 @@ def test_update_merges_a_partial_run_into_the_table_file(tmp_path):
         dispatch.update({"meta": {**meta, "kind": "cpu"}, "results": rows}, str(path), "x")
 
 
+def test_a_passing_parity_run_is_recorded_and_read_back(tmp_path, monkeypatch):
+    """bench/dispatch.py records CUDA verified under the run's architecture, keeping the tables; auto reads it."""
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"verified": {}, "tables": {"sm_90": {"entries": []}}}))
+    meta = {"capability": "sm_90", "device": "test GPU", "date": "2026-12-01T10:00:00+00:00", "torch": "2.11",
+            "triton": "3.6", "cuda": "13.0", "driver": "580"}
+    record = dispatch.record_verified(str(path), meta, "bench/results/run-gpu_check.log", "abc123")
+    doc = json.loads(path.read_text())
+    assert doc["verified"] == {"sm_90": {"cuda": record}} and doc["tables"] == {"sm_90": {"entries": []}}
+    assert record["source"] == "bench/results/run-gpu_check.log" and record["commit"] == "abc123"
+    monkeypatch.setattr(_backend, "DISPATCH_TABLE", str(path))
+    _backend._dispatch_file.cache_clear()
+    try:
+        assert _backend.trusted("cuda", "sm_90") and not _backend.trusted("cuda", "sm_80")
+        assert _backend.trusted("triton", "sm_80")
+    finally:
+        monkeypatch.undo()
+        _backend._dispatch_file.cache_clear()
+
+
+def test_recording_refuses_without_a_usable_cuda_backend():
+    if _backend.availability("cuda")[0]:
+        pytest.skip("the cuda backend runs here")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "dispatch.py"), "--cuda-verified", "x.log"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--cuda-verified needs the cuda backend running on a GPU" in done.stderr
+
+
 def test_bench_dispatch_command_writes_the_table_of_a_gpu_run(tmp_path):
     """`bench/run.py --from-json RUN --dispatch` end to end, on a GPU run made up from a CPU one, writing to the
     file VAEKERNELS_DISPATCH_TABLE names; a CPU run is refused."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "bench", "results", "cpu-2core-20261125.json")) as f:
+    with open(os.path.join(ROOT, "bench", "results", "cpu-2core-20261125.json")) as f:
         cpu = json.load(f)
     rows = []
     for r in cpu["results"]:
@@ -128,7 +207,7 @@ def test_bench_dispatch_command_writes_the_table_of_a_gpu_run(tmp_path):
     env = {**os.environ, "VAEKERNELS_DISPATCH_TABLE": str(table)}
 
     def bench(run):
-        return subprocess.run([sys.executable, os.path.join(root, "bench", "run.py"), "--from-json",
+        return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--from-json",
                                str(tmp_path / run), "--dispatch"], env=env, capture_output=True, text=True)
 
     refused = bench("cpu.json")

@@ -8,6 +8,8 @@ import vaekernels as vk
 from vaekernels import eager
 from vaekernels.reference import philox
 
+from .conftest import gpu
+
 REDUCTIONS = ["none", "sum", "mean", "batchmean", "per_sample"]
 
 
@@ -68,10 +70,11 @@ def test_free_bits_clamps_per_latent_batch_mean():
 
 
 def test_reparameterize_formula_and_backward():
+    """On CPU tensors eps is torch.randn from a CPU generator seeded with the op's seed (drawn from torch's)."""
     mu, lv = _pair((5, 7))
     torch.manual_seed(3)
     seed = philox.draw_seed(mu.device)
-    eps = philox.randn(seed, mu.numel()).view(mu.shape).double()
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=mu.dtype)
     torch.manual_seed(3)
     z = vk.reparameterize(mu, lv)
     torch.testing.assert_close(z, mu + torch.exp(0.5 * lv) * eps, atol=1e-6, rtol=1e-6)
@@ -108,14 +111,40 @@ def test_reparameterize_statistics():
 
 
 def test_backward_saves_no_eps():
-    """Autograd keeps mu, logvar and the 0-d seed: nothing of z's size beyond the inputs (eps is regenerated)."""
+    """Autograd keeps mu, logvar, the 0-d seed and (CPU tensors) the output z: never eps."""
     mu, lv = torch.randn(64, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         z, kl = vk.reparameterize_kl(mu, lv)
     big = [t for t in saved if t.numel() == mu.numel()]
-    assert all(t is mu or t is lv or t.data_ptr() in (mu.data_ptr(), lv.data_ptr()) for t in big)
-    assert sum(t.numel() for t in saved) <= 2 * mu.numel() + 1
+    assert all(t.data_ptr() in (mu.data_ptr(), lv.data_ptr(), z.data_ptr()) for t in big)
+    assert sum(t.numel() for t in saved) <= 3 * mu.numel() + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_sampling_is_standard_normal_fresh_and_reproducible(dtype):
+    """CPU tensors sample with torch's generator: N(0, 1), fresh noise each call, reproduced by
+    torch.manual_seed and by generator=, and the gradient equals 0.5 * dz * sigma * eps (z - mu in float32/64,
+    eps drawn again in float16/bfloat16)."""
+    n = 100_000
+    mu = torch.zeros(n, dtype=dtype, requires_grad=True)
+    lv = torch.full((n,), math.log(0.25), dtype=dtype, requires_grad=True)  # sigma = 0.5
+    torch.manual_seed(7)
+    z1, _ = vk.reparameterize_kl(mu, lv)
+    z2, _ = vk.reparameterize_kl(mu, lv)
+    torch.manual_seed(7)
+    z3, _ = vk.reparameterize_kl(mu, lv)
+    assert torch.equal(z1, z3) and not torch.equal(z1, z2)
+    eps = z1.double() / 0.5
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1.0) < 0.02
+    assert abs((eps.abs() < 1).double().mean().item() - 0.6827) < 0.01  # the normal's mass within one sigma
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    za = vk.reparameterize(mu, lv, generator=g1)
+    assert torch.equal(za, vk.reparameterize(mu, lv, generator=g2))
+    dz = torch.randn(n, dtype=dtype)
+    (dlv,) = torch.autograd.grad(za, lv, dz)
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(dlv.double(), 0.5 * dz.double() * za.double(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -175,3 +204,28 @@ def test_nan_propagates():
 def test_bad_input_errors(call, exc, words):
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+@gpu
+def test_cuda_seed_is_drawn_on_the_host_from_the_cuda_generator():
+    """Eager calls on CUDA tensors take the seed from the CUDA generator's Philox state on the host (no launch):
+    torch.manual_seed reproduces it, each call gets a new one, a CUDA generator= works alike, and a call inside
+    CUDA-graph capture draws on the device. CPU twin: test_reparameterize_seeding."""
+    torch.manual_seed(3)
+    a, b = philox.draw_seed("cuda"), philox.draw_seed("cuda")
+    torch.manual_seed(3)
+    c = philox.draw_seed("cuda")
+    assert a.device.type == "cpu" and int(a) == int(c) and int(a) != int(b)
+    g1, g2 = torch.Generator("cuda").manual_seed(9), torch.Generator("cuda").manual_seed(9)
+    assert int(philox.draw_seed("cuda", g1)) == int(philox.draw_seed("cuda", g2))
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured = philox.draw_seed("cuda")
+    assert captured.device.type == "cuda"
+
+
+def test_seed_mixing_spreads_nearby_offsets():
+    """The host-drawn CUDA seed mixes (generator seed, offset): neighbours give unrelated 62-bit seeds."""
+    seeds = [philox._mix(s, o) for s in (0, 1, 2**40) for o in range(0, 400, 4)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**62 for s in seeds)
+    assert bin(philox._mix(0, 0) ^ philox._mix(0, 4)).count("1") > 10

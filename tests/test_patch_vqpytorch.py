@@ -1,5 +1,7 @@
 """vk.patch on vector-quantize-pytorch's VectorQuantize and ResidualVQ, and the rotation-trick estimator
 against the library's own rotate_to."""
+import copy
+
 import pytest
 import torch
 
@@ -90,8 +92,70 @@ def test_residual_vq_equivalent(config):
     assert all(layer._vaekernels_patched for layer in patched.layers)
 
 
+KMEANS_CONFIGS = {
+    "defaults": dict(),
+    "fewer_rows_than_codes": dict(codebook_size=80),
+    "cosine": dict(use_cosine_sim=True),
+    "learnable": dict(learnable_codebook=True, ema_update=False),
+    "heads_separate": dict(heads=2, separate_codebook_per_head=True),
+    "heads_shared": dict(heads=2),
+    "image_fmap_projection": dict(accept_image_fmap=True, codebook_dim=3),
+    "dead_codes": dict(threshold_ema_dead_code=2),
+}
+
+
+def _kmeans_vq(name, **extra):
+    config = {"codebook_size": 8, "kmeans_init": True, "kmeans_iters": 4, **KMEANS_CONFIGS[name], **extra}
+    make_input = _input(config) if config.get("accept_image_fmap") else lambda: torch.randn(3, 20, 4)
+    torch.manual_seed(0)
+    return vqp.VectorQuantize(dim=4, **config), make_input
+
+
+@pytest.mark.parametrize("name", KMEANS_CONFIGS)
+def test_kmeans_init_gives_the_librarys_buffers(name):
+    """From the same random state, the first call (eval: the library initialises in any mode, then nothing else
+    changes the buffers) gives the library's embed, embed_avg and cluster_size, through the fused search."""
+    vq, make_input = _kmeans_vq(name)
+    vq.eval()
+    patched = vk.patch(copy.deepcopy(vq))
+    torch.manual_seed(1)
+    want = vq(make_input())
+    want_rng = torch.get_rng_state()
+    torch.manual_seed(1)
+    with OpCalls() as calls:
+        got = patched(make_input())
+    assert torch.equal(torch.get_rng_state(), want_rng)  # the same draws: the library's initial sample
+    assert calls.names.count("vaekernels::vq_fwd") == 4 * vq._codebook.num_codebooks  # k-means on the fused search
+    assert bool(patched._codebook.initted)
+    for buffer in ("embed", "embed_avg", "cluster_size"):
+        torch.testing.assert_close(getattr(patched._codebook, buffer), getattr(vq._codebook, buffer))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", KMEANS_CONFIGS)
+def test_kmeans_init_training_step_equivalent(name):
+    vq, make_input = _kmeans_vq(name)
+    assert_patched_equivalent(vq, make_input, _objective)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_kmeans_init_equivalent_on_fused_backend(backend):
+    vq, _ = _kmeans_vq("defaults", kmeans_iters=2)
+    with vk.use_backend(backend):
+        assert_patched_equivalent(vq, lambda: torch.randn(2, 6, 4), _objective)
+
+
+def test_residual_vq_kmeans_init_level_by_level():
+    # k-means leaves singleton clusters whose code is the row itself, so deeper residuals can be ~0, where the
+    # rotation trick's |e|/|z| turns float rounding of the codes into large gradient differences: STE here
+    torch.manual_seed(0)
+    rvq = vqp.ResidualVQ(dim=4, num_quantizers=3, codebook_size=8, kmeans_init=True, kmeans_iters=4,
+                         rotation_trick=False)
+    patched = assert_patched_equivalent(rvq, lambda: torch.randn(3, 20, 4), _objective)
+    assert all(bool(layer._codebook.initted) for layer in patched.layers)
+
+
 @pytest.mark.parametrize("option, kwargs", [
-    ("kmeans_init", dict(kmeans_init=True)),
     ("stochastic_sample_codes", dict(stochastic_sample_codes=True)),
     ("directional_reparam", dict(directional_reparam=True, threshold_ema_dead_code=1)),
     ("orthogonal_reg_weight", dict(orthogonal_reg_weight=0.1)),
@@ -118,19 +182,19 @@ def test_uncovered_call_option_falls_back_with_a_warning():
     torch.testing.assert_close(got, vq(x, mask=mask))
 
 
-def test_class_level_patch_and_kmeans_init_after_its_first_step():
+def test_class_level_patch_runs_kmeans_init_on_the_fused_search():
+    import warnings
+
     from vaekernels.patch import _base
 
-    _base._warned.clear()
+    _base._warned.clear()  # warnings are once per process: a fallback must warn here again
     vk.patch("vector_quantize_pytorch")
     try:
         vq = vqp.VectorQuantize(dim=4, codebook_size=4, kmeans_init=True, kmeans_iters=2)
-        with OpCalls() as calls, pytest.warns(UserWarning, match="kmeans_init"):
-            vq(torch.randn(2, 8, 4))  # original forward: runs k-means
-        assert calls.names == [] and bool(vq._codebook.initted)
-        with OpCalls() as calls:
+        with OpCalls() as calls, warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # covered: no fallback warning
             vq(torch.randn(2, 8, 4))
-        assert "vaekernels::vq_fwd" in calls.names
+        assert calls.names.count("vaekernels::vq_fwd") == 3 and bool(vq._codebook.initted)  # 2 k-means, 1 step
     finally:
         vk.unpatch("vector_quantize_pytorch")
     with OpCalls() as calls:

@@ -2,11 +2,11 @@
 
 The interpreter runs code that the GPU compiler rejects (and has no shared-memory limit), so a green CPU run
 says nothing about whether the kernels build on a GPU. This test records every launch that the Triton backend
-makes for a workload covering each kernel variant (flags, dtypes, single- and multi-program plans, small and
-large D, every precision, deterministic mode), then compiles each distinct specialization to a cubin with
-Triton's compiler in a separate process (tests/triton_aot.py), the search kernel in every autotuning config.
+makes for the workload covering each kernel variant (tests/kernel_variants.py: flags, dtypes, single- and
+multi-program plans, small and large D, every precision, deterministic mode), then compiles each distinct
+specialization to a cubin with Triton's compiler in a separate process (tests/triton_aot.py), the search kernel in
+every autotuning config.
 """
-import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from . import kernel_variants
 from .conftest import HAS_CUDA
 
 triton = pytest.importorskip("triton")
@@ -23,9 +24,7 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="a GPU runs the compiled kernel
 
 import vaekernels.triton as vkt  # noqa: E402
 from vaekernels import _backend  # noqa: E402
-from vaekernels.reference import philox  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 AOT = Path(__file__).with_name("triton_aot.py")
 
 
@@ -59,73 +58,6 @@ def _record(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(InterpretedFunction, "run", logging_run)
     return launches
-
-
-def _gaussian_workload():
-    """Forward and backward of every kl_mode, with and without sampling and priors, in one and many programs;
-    float16 and bfloat16 on the fused sample + KL with priors."""
-    for dtype in DTYPES:
-        for shape in [(3, 50), (20, 1000)]:  # 150 elements: one program, direct; 20000: partial sums, reduction
-            g = torch.Generator().manual_seed(0)
-            mu, lv = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-            seed = philox.draw_seed(mu.device)
-            full = dtype == torch.float32 and shape[0] > 3
-            for mode in ["none", "elementwise", "sum", "latent", "sample"] if dtype == torch.float32 else ["sum"]:
-                for s in [seed, None] if full and mode != "none" else [seed]:
-                    priors = [(None, None), (mu, lv)] if full else [(mu, lv)]
-                    for prior in priors + ([(mu, None), (None, lv)] if full and mode == "sum" else []):
-                        z, kl = vkt.gaussian_forward(mu, lv, *prior, s, mode, 0.5)
-                        dz = torch.ones_like(mu) if s is not None else None
-                        dkl = torch.ones_like(kl) if kl is not None else None
-                        vkt.gaussian_backward(dz, dkl, mu, lv, *prior, s, mode)
-
-
-def _vq_workload():
-    """Search with and without the epilogue and EMA sums, every precision, small and large D, channel-first
-    rows, the backward with each estimator, commitment and codebook scatter, and the deterministic paths;
-    float16 and bfloat16 on the forward and backward of small D."""
-    one = torch.ones((), dtype=torch.float32)
-    for dtype in DTYPES:
-        # D in one 16- or 32-wide tile (rows kept in registers), or looped in tiles
-        for d, k in [(8, 70), (32, 50), (96, 40)] if dtype == torch.float32 else [(8, 70)]:
-            g = torch.Generator().manual_seed(1)
-            z = torch.randn(2, d, 5, 7, generator=g).to(dtype)  # channel-first: rows read through strides
-            cb = torch.randn(k, d, generator=g).to(dtype)
-            full = dtype == torch.float32 and d == 8
-            for precision in ["exact", "tf32", "bf16"] if dtype == torch.float32 else ["exact"]:
-                if full:
-                    vkt.nearest_code(z, cb, 1, precision)
-                    vkt.vq_forward(z, cb, 1, precision, False)
-                q, idx, *_ = vkt.vq_forward(z, cb, 1, precision, True)
-            for estimator in ["ste", "rotation"] if dtype == torch.float32 else ["rotation"]:
-                for dq, commit, code in [(q, one, one), (q, None, None), (None, one, one), (q, one, None)][
-                        : 4 if full else 1]:
-                    vkt.vq_backward(dq, z, cb, idx, commit, code, 1, estimator)
-            with _deterministic():  # the search kernel runs here: the segment sums sort its indices
-                q, idx, *_ = vkt.vq_forward(z, cb, 1, "exact", True)
-                vkt.vq_backward(q, z, cb, idx, one, one, 1, "ste")
-
-
-def _wide_workload():
-    """The kernels with an int64-offset variant: the Gaussian backward (each weight shape) and the search."""
-    mu = torch.randn(20, 1000)
-    seed = philox.draw_seed(mu.device)
-    for mode in ["elementwise", "sum", "latent", "sample"]:
-        _, kl = vkt.gaussian_forward(mu, mu, None, None, seed, mode, 1.0)
-        vkt.gaussian_backward(torch.ones_like(mu), torch.ones_like(kl), mu, mu, None, None, seed, mode)
-    z, cb = torch.randn(2, 96, 5, 7), torch.randn(40, 96)
-    for precision in ["exact", "tf32", "bf16"]:
-        vkt.vq_forward(z, cb, 1, precision, True)
-
-
-@contextlib.contextmanager
-def _deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _plan(launches: list[dict]) -> list[dict]:
@@ -163,11 +95,7 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
     if not _has_ptxas():
         pytest.skip("this Triton install has no NVIDIA backend with ptxas to compile for a GPU")
     launches = _record(monkeypatch)
-    _gaussian_workload()
-    _vq_workload()
-    with monkeypatch.context() as m:  # the int64-offset variants, taken from 2**31 elements
-        m.setattr("vaekernels.triton._common.WIDE_OFFSETS", 0)
-        _wide_workload()
+    kernel_variants.run(lambda name, *args: getattr(vkt, name)(*args), torch.device("cpu"))
     monkeypatch.undo()
 
     from vaekernels.triton import _common, gaussian, vq

@@ -2,12 +2,15 @@
 nearest-codebook search with its losses, gradients and EMA statistics), with Triton, CUDA C++ and PyTorch backends."""
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
-from .ops import VQResult, gaussian_kl, nearest_code, reparameterize, reparameterize_kl, vector_quantize
+from ._kmeans import kmeans
+from .ops import (LFQResult, VQResult, gaussian_kl, lookup_free_quantize, nearest_code, reparameterize,
+                  reparameterize_kl, vector_quantize)
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize", "VQResult",
+    "reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize", "VQResult", "kmeans",
+    "lookup_free_quantize", "LFQResult",
     "available_backends", "get_backend", "set_backend", "use_backend", "nn", "patch", "unpatch",
 ]

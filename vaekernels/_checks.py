@@ -85,3 +85,25 @@ def latent(z, name: str = "z") -> torch.Tensor:
     if z.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the code dimension), got a 0-d tensor")
     return z
+
+
+def integer(name: str, value, minimum: int = 0) -> int:
+    """`value` must be an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def non_empty(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): it needs at least one element")
+    return t
+
+
+def generator(g, name: str = "generator"):
+    """None or a torch.Generator."""
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(g).__name__}")
+    return g

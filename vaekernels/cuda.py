@@ -16,6 +16,7 @@ import torch
 
 from . import reference
 
+OPS = reference.OPS - {"lfq_fwd", "lfq_bwd"}  # the DISPATCH_OPS it implements: the reference's but LFQ
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KL_MODES = {"none": 0, "elementwise": 1, "sum": 2, "latent": 3, "sample": 4}
 _PRECISIONS = {"exact": 0, "tf32": 1, "bf16": 2}
@@ -130,9 +131,15 @@ def _kl_output(mu: torch.Tensor, kl_mode: str) -> torch.Tensor | None:
     return mu.new_empty((mu.numel() // mu.shape[0],) if kl_mode == "latent" else (mu.shape[0],), dtype=torch.float32)
 
 
+def _device_seed(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The seed where the kernels read it: on the tensors' device (eager calls draw it on the host)."""
+    return seed.to(like.device, non_blocking=True) if seed is not None and seed.device != like.device else seed
+
+
 def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
     if mu.dtype == torch.float64:
         return reference.gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
+    seed = _device_seed(seed, mu)
     rows = mu.shape[0] if mu.dim() else 1
     z = torch.empty_like(mu) if seed is not None else None
     kl = _kl_output(mu, kl_mode)
@@ -144,12 +151,15 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
     return z, kl
 
 
-def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode):
+def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):  # z unused: eps is regenerated
     if mu.dtype == torch.float64:
-        return reference.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode)
+        return reference.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale)
     dz = dz.to(mu.dtype).contiguous() if dz is not None else None
+    seed = _device_seed(seed, mu)
     if dkl is not None:
         dkl = dkl.contiguous() if dkl.dtype in _DTYPES else dkl.float().contiguous()
+        if kl_scale != 1.0:
+            dkl = dkl * kl_scale
     with_kl = dkl is not None
     dmu = torch.empty_like(mu) if with_kl else None
     dpmu = torch.empty_like(prior_mu) if with_kl and prior_mu is not None else None

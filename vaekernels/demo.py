@@ -51,18 +51,23 @@ def train(model: torch.nn.Module, data: torch.Tensor, steps: int, batch: int = 1
     return history
 
 
-def time_per_step(make_model, data: torch.Tensor, steps: int) -> float:
-    """Median seconds per training step after a warm-up."""
-    model = make_model()
-    train(model, data, 3, progress=False)
-    times = []
+def time_per_step(make_models: dict, data: torch.Tensor, steps: int) -> dict:
+    """Median seconds per training step of each model, after a warm-up; the models take turns step by step, so
+    that a busy machine slows them alike."""
+    models = {}
+    for name, make in make_models.items():
+        torch.manual_seed(0)
+        models[name] = make()
+        train(models[name], data, 3, progress=False)
+    times = {name: [] for name in models}
     for _ in range(steps):
-        _sync(data.device)
-        t0 = time.perf_counter()
-        train(model, data, 1, progress=False)
-        _sync(data.device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for name, model in models.items():
+            _sync(data.device)
+            t0 = time.perf_counter()
+            train(model, data, 1, progress=False)
+            _sync(data.device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _save_png(path: str, rows: dict[str, torch.Tensor]) -> None:
@@ -108,8 +113,9 @@ def run(steps: int = 300, out_dir: str = "demo_out", device: str | None = None, 
             report[name].update(perplexity=perplexity, codes_used=used)
         print(line)
     for name, cls in (("VAE", ConvVAE), ("VQ-VAE", ConvVQVAE)):
-        fused = time_per_step(lambda: cls().to(dev), data, timing_steps)
-        eager = time_per_step(lambda: cls(eager=True).to(dev), data, timing_steps)
+        t = time_per_step({"fused": lambda: cls().to(dev), "eager": lambda: cls(eager=True).to(dev)}, data,
+                          timing_steps)
+        fused, eager = t["fused"], t["eager"]
         print(f"{name}: {1e3 * fused:.2f} ms/step fused vs {1e3 * eager:.2f} ms/step eager ({eager / fused:.2f}x)")
         report[name].update(ms_per_step_fused=1e3 * fused, ms_per_step_eager=1e3 * eager)
     os.makedirs(out_dir, exist_ok=True)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _checks
+from ._kmeans import lloyd
 from .ops.gaussian import gaussian_kl, reparameterize_kl
 from .ops.vq import VQResult, quantize_with_stats
 from .reference.vq import rows
@@ -23,11 +24,14 @@ class VectorQuantizer(nn.Module):
     `codebook` is a buffer updated in training from per-code counts and sums (all-reduced under
     torch.distributed), with Laplace smoothing `eps`. `code_usage` counts rows per code since the last
     restart or `reset_usage()`; `restart_dead_codes` re-seeds rarely used codes from the latest batch.
+    kmeans_init=True: the first training forward first sets the codebook to `vk.kmeans` (kmeans_iters iterations)
+    of the rows its search sees; the `initted` buffer (in the state_dict) records that it has run. That first
+    step runs eagerly: under torch.compile(fullgraph=True), run it before compiling (or restore a checkpoint).
     """
 
     def __init__(self, num_codes: int, code_dim: int, *, beta: float = 0.25, ema: bool = False, decay: float = 0.99,
                  eps: float = 1e-5, distance: str = "l2", dim: int = -1, estimator: str = "ste",
-                 precision: str = "exact"):
+                 precision: str = "exact", kmeans_init: bool = False, kmeans_iters: int = 10):
         super().__init__()
         if num_codes < 1 or code_dim < 1:
             raise ValueError(f"num_codes and code_dim must be >= 1, got {num_codes} and {code_dim}")
@@ -39,6 +43,7 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.code_dim, self.dim = num_codes, code_dim, dim
         self.beta, self.ema, self.decay, self.eps = _checks.non_negative("beta", beta), ema, decay, eps
         self.distance, self.estimator, self.precision = distance, estimator, precision
+        self.kmeans_init, self.kmeans_iters = bool(kmeans_init), _checks.integer("kmeans_iters", kmeans_iters)
         if ema:
             self.register_buffer("codebook", torch.randn(num_codes, code_dim))
             self.register_buffer("cluster_size", torch.zeros(num_codes))
@@ -46,13 +51,20 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes))
         self.register_buffer("code_usage", torch.zeros(num_codes), persistent=False)
+        # whether the codebook holds its initial value (k-means done, or not asked for); saved, so that a restored
+        # module does not run k-means again
+        self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+        self._kmeans_pending = self.kmeans_init  # read `initted` (a host sync) only until the first training forward
         self._last_batch: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, ema={self.ema}, "
-                f"distance={self.distance!r}, dim={self.dim}, estimator={self.estimator!r}")
+                f"distance={self.distance!r}, dim={self.dim}, estimator={self.estimator!r}"
+                + (f", kmeans_init=True, kmeans_iters={self.kmeans_iters}" if self.kmeans_init else ""))
 
     def forward(self, z: Tensor) -> VQResult:
+        if self._kmeans_pending and self.training:
+            self._kmeans_init_once(z)
         update = self.training and self.ema
         # the EMA update rewrites the codebook in place, so the op gets a snapshot it can save for backward
         codebook = self.codebook.clone() if update else self.codebook
@@ -64,6 +76,36 @@ class VectorQuantizer(nn.Module):
             if not torch.compiler.is_compiling():
                 self._last_batch = searched.detach()  # rows are gathered only if restart_dead_codes runs
         return result
+
+    # reads a flag from the device and runs Lloyd's loop, eagerly (under torch.compile: a graph break)
+    @torch.compiler.disable(reason="kmeans_init runs eagerly on the first training batch: run one training "
+                                   "forward before torch.compile(fullgraph=True), or restore a checkpoint")
+    def _kmeans_init_once(self, z: Tensor) -> None:
+        if not bool(self.initted):
+            self._init_by_kmeans(z)
+        self._kmeans_pending = False
+
+    @torch.no_grad()
+    def _init_by_kmeans(self, z: Tensor) -> None:
+        """Codebook := k-means of the rows this batch's search sees (SoundStream's initialisation); EMA statistics
+        as if the codebook had been averaged from the last assignment: cluster_size = counts, embed_sum =
+        codebook * counts. Under torch.distributed every rank gets the k-means of all ranks' rows."""
+        centres, counts = lloyd(z, self.num_codes, iters=self.kmeans_iters, distance=self.distance, dim=self.dim)
+        self.codebook.data.copy_(centres)
+        if self.ema:
+            self.cluster_size.copy_(counts)
+            self.embed_sum.copy_(self.codebook * self.cluster_size.unsqueeze(1))
+        self.initted.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before `initted` existed: a saved codebook counts as initialised
+        key = prefix + "initted"
+        if key not in state_dict and prefix + "codebook" in state_dict:
+            state_dict[key] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._kmeans_pending = self.kmeans_init
 
     @torch.no_grad()
     def _observe(self, counts: Tensor, sums: Tensor | None) -> None:

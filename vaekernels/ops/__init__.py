@@ -1,6 +1,7 @@
 """The torch.library ops and their public entry points (one file per op family)."""
 from .gaussian import gaussian_kl, reparameterize, reparameterize_kl
+from .lfq import LFQResult, lookup_free_quantize
 from .vq import VQResult, nearest_code, quantize_with_stats, vector_quantize
 
 __all__ = ["reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize",
-           "quantize_with_stats", "VQResult"]
+           "quantize_with_stats", "VQResult", "lookup_free_quantize", "LFQResult"]

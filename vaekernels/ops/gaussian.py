@@ -1,7 +1,8 @@
 """reparameterize, gaussian_kl and reparameterize_kl: one torch.library op pair (forward, backward) for all three.
 
 `gaussian_fwd` samples z (when given a seed) and/or computes the KL in one pass; `gaussian_bwd` produces every
-gradient in one pass, regenerating eps from the seed instead of storing it.
+gradient in one pass, regenerating eps from the seed (or, on CPU tensors, reading sigma * eps as z - mu) instead
+of storing it. `_Gaussian` is their autograd (see `_library` for the structure).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from .. import _backend, _checks, eager
 from ..reference.gaussian import acc_dtype
 from ..reference.philox import draw_seed
+from ._library import Op, distinct, needs_grad
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -31,8 +33,7 @@ def _kl_shape(mu: Tensor, kl_mode: str) -> tuple[tuple, torch.dtype]:
     return (0,), mu.dtype
 
 
-@torch.library.custom_op("vaekernels::gaussian_fwd", mutates_args=())
-def gaussian_fwd(
+def _gaussian_fwd(
     mu: Tensor,
     logvar: Tensor,
     prior_mu: Optional[Tensor],
@@ -42,19 +43,16 @@ def gaussian_fwd(
     kl_scale: float,
 ) -> tuple[Tensor, Tensor]:
     impl = _backend.implementation("gaussian_fwd", mu.device, (mu.numel(),))
-    z, kl = impl.gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
-    return (_empty(mu) if z is None else z), (_empty(mu) if kl is None else kl)
+    return impl.gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
 
 
-@gaussian_fwd.register_fake
-def _(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
+def _gaussian_fwd_fake(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
     shape, dtype = _kl_shape(mu, kl_mode)
     z = torch.empty_like(mu) if seed is not None else _empty(mu)
     return z, mu.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("vaekernels::gaussian_bwd", mutates_args=())
-def gaussian_bwd(
+def _gaussian_bwd(
     dz: Optional[Tensor],
     dkl: Optional[Tensor],
     mu: Tensor,
@@ -62,50 +60,60 @@ def gaussian_bwd(
     prior_mu: Optional[Tensor],
     prior_logvar: Optional[Tensor],
     seed: Optional[Tensor],
+    z: Optional[Tensor],
     kl_mode: str,
+    kl_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.implementation("gaussian_bwd", mu.device, (mu.numel(),))
-    grads = impl.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode)
-    return tuple(_empty(mu) if g is None else g for g in grads)
+    return impl.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale)
 
 
-@gaussian_bwd.register_fake
-def _(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode):
+def _gaussian_bwd_fake(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):
     dmu = torch.empty_like(mu) if dkl is not None else _empty(mu)
     dpmu = torch.empty_like(prior_mu) if prior_mu is not None and dkl is not None else _empty(mu)
     dplv = torch.empty_like(prior_logvar) if prior_logvar is not None and dkl is not None else _empty(mu)
     return dmu, torch.empty_like(logvar), dpmu, dplv
 
 
-def _setup(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale = inputs
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed)
-    ctx.kl_mode, ctx.kl_scale = kl_mode, kl_scale
+gaussian_fwd = Op("gaussian_fwd", _gaussian_fwd, _gaussian_fwd_fake)
+gaussian_bwd = Op("gaussian_bwd", _gaussian_bwd, _gaussian_bwd_fake)
 
 
-def _backward(ctx, dz, dkl):
-    mu, logvar, prior_mu, prior_logvar, seed = ctx.saved_tensors
-    if seed is None:
-        dz = None
-    if ctx.kl_mode == "none":
-        dkl = None
-    elif ctx.kl_mode != "elementwise":
-        dkl = dkl * ctx.kl_scale
-    dmu, dlogvar, dpmu, dplv = gaussian_bwd(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, ctx.kl_mode)
-    if dkl is None:
-        dmu, dpmu, dplv = dz, None, None
-    return (
-        dmu,
-        dlogvar,
-        dpmu if prior_mu is not None else None,
-        dplv if prior_logvar is not None else None,
-        None,
-        None,
-        None,
-    )
+class _Gaussian(torch.autograd.Function):
+    """Autograd for gaussian_fwd: saves the inputs, the seed and (for CPU tensors, whose reference backward reads
+    sigma * eps as z - mu) the sample; never eps."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
+        z, kl = gaussian_fwd(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
+        sample = z if seed is not None and mu.device.type == "cpu" else None
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed, sample)
+        ctx.kl_mode, ctx.kl_scale = kl_mode, kl_scale
+        ctx.set_materialize_grads(False)
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, dz, dkl):
+        mu, logvar, prior_mu, prior_logvar, seed, sample = ctx.saved_tensors
+        if seed is None:
+            dz = None
+        if ctx.kl_mode == "none":
+            dkl = None
+        if dz is None and dkl is None:
+            return (None,) * 7
+        dmu, dlogvar, dpmu, dplv = gaussian_bwd(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, sample,
+                                                ctx.kl_mode, ctx.kl_scale)
+        if dkl is None:
+            dmu, dpmu, dplv = dz, None, None
+        return (dmu, dlogvar, dpmu if prior_mu is not None else None, dplv if prior_logvar is not None else None,
+                None, None, None)
 
 
-gaussian_fwd.register_autograd(_backward, setup_context=_setup)
+def _gaussian(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale) -> tuple[Tensor, Tensor]:
+    """gaussian_fwd with autograd when some input needs a gradient, the bare operator otherwise."""
+    if needs_grad(mu, logvar, prior_mu, prior_logvar):
+        return _Gaussian.apply(*distinct(mu, logvar, prior_mu, prior_logvar), seed, kl_mode, kl_scale)
+    return gaussian_fwd(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
 
 
 def _pair(mu, logvar) -> tuple[Tensor, Tensor]:
@@ -152,7 +160,7 @@ def _kl_plan(mu: Tensor, reduction: str, free_bits: float) -> tuple[str, float]:
 def _finish_kl(kl: Tensor, mu: Tensor, free_bits: float) -> Tensor:
     if free_bits > 0:
         kl = torch.clamp(kl / mu.shape[0], min=free_bits).sum()
-    return kl.to(mu.dtype)
+    return kl if kl.dtype == mu.dtype else kl.to(mu.dtype)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -164,7 +172,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | N
     seed = draw_seed(mu.device, generator)
     if mu.numel() == 0:
         return mu + logvar
-    z, _ = gaussian_fwd(mu, logvar, None, None, seed, "none", 1.0)
+    z, _ = _gaussian(mu, logvar, None, None, seed, "none", 1.0)
     return z
 
 
@@ -188,7 +196,7 @@ def gaussian_kl(
     kl_mode, kl_scale = _kl_plan(mu, reduction, free_bits)
     if mu.numel() == 0:
         return eager.gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction, free_bits)
-    _, kl = gaussian_fwd(mu, logvar, prior_mu, prior_logvar, None, kl_mode, kl_scale)
+    _, kl = _gaussian(mu, logvar, prior_mu, prior_logvar, None, kl_mode, kl_scale)
     return _finish_kl(kl, mu, free_bits)
 
 
@@ -206,5 +214,5 @@ def reparameterize_kl(
     seed = draw_seed(mu.device, generator)
     if mu.numel() == 0:
         return mu + logvar, eager.gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
-    z, kl = gaussian_fwd(mu, logvar, None, None, seed, kl_mode, kl_scale)
+    z, kl = _gaussian(mu, logvar, None, None, seed, kl_mode, kl_scale)
     return z, _finish_kl(kl, mu, free_bits)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from ..reference.gaussian import acc_dtype
+from ._library import Op, distinct, needs_grad
 
 
 class VQResult(NamedTuple):
@@ -39,51 +40,45 @@ def _loss_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, codebook.dtype)
 
 
-@torch.library.custom_op("vaekernels::nearest_code", mutates_args=())
-def nearest_code_op(z: Tensor, codebook: Tensor, dim: int, precision: str) -> Tensor:
+def _nearest_code(z: Tensor, codebook: Tensor, dim: int, precision: str) -> Tensor:
     if z.numel() == 0:
         return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
     impl = _backend.implementation("nearest_code", z.device, _search_size(z, codebook, dim))
     return impl.nearest_code(z, codebook, dim, precision)
 
 
-@nearest_code_op.register_fake
-def _(z, codebook, dim, precision):
+def _nearest_code_fake(z, codebook, dim, precision):
     return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
 
 
-@torch.library.custom_op("vaekernels::vq_fwd", mutates_args=())
-def vq_fwd(
-    z: Tensor, codebook: Tensor, dim: int, precision: str, estimator: str, with_sums: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    k, acc = codebook.shape[0], acc_dtype(_loss_dtype(z, codebook))
+def _vq_fwd(
+    z: Tensor, codebook: Tensor, dim: int, precision: str, with_sums: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = acc_dtype(_loss_dtype(z, codebook))
     if z.numel() == 0:
         nan = torch.full((), float("nan"), dtype=_loss_dtype(z, codebook), device=z.device)
         sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc)
-        return (torch.empty_like(z), z.new_empty(_index_shape(z, dim), dtype=torch.int64), nan, nan.clone(),
-                z.new_zeros(k, dtype=torch.int64), sums)
+        return (torch.empty_like(z), z.new_empty(_index_shape(z, dim), dtype=torch.int64), nan,
+                z.new_zeros(codebook.shape[0], dtype=torch.int64), sums)
     impl = _backend.implementation("vq_fwd", z.device, _search_size(z, codebook, dim))
     quantized, indices, sq_err, counts, sums = impl.vq_forward(z, codebook, dim, precision, with_sums)
-    loss = (sq_err / z.numel()).to(_loss_dtype(z, codebook))
-    return quantized, indices, loss, loss.clone(), counts, (z.new_empty(0, dtype=acc) if sums is None else sums)
+    loss = sq_err.div_(z.numel())
+    loss = loss if loss.dtype == _loss_dtype(z, codebook) else loss.to(_loss_dtype(z, codebook))
+    return quantized, indices, loss, counts, (z.new_empty(0, dtype=acc) if sums is None else sums)
 
 
-@vq_fwd.register_fake
-def _(z, codebook, dim, precision, estimator, with_sums):
+def _vq_fwd_fake(z, codebook, dim, precision, with_sums):
     acc = acc_dtype(_loss_dtype(z, codebook))
-    loss = z.new_empty((), dtype=_loss_dtype(z, codebook))
     return (
         torch.empty_like(z, memory_format=torch.contiguous_format),
         z.new_empty(_index_shape(z, dim), dtype=torch.int64),
-        loss,
-        loss.clone(),
+        z.new_empty((), dtype=_loss_dtype(z, codebook)),
         z.new_empty(codebook.shape[0], dtype=torch.int64),
         z.new_empty(codebook.shape if with_sums else (0,), dtype=acc),
     )
 
 
-@torch.library.custom_op("vaekernels::vq_bwd", mutates_args=())
-def vq_bwd(
+def _vq_bwd(
     dq: Optional[Tensor],
     z: Tensor,
     codebook: Tensor,
@@ -100,27 +95,50 @@ def vq_bwd(
     return dz, (codebook.new_empty(0) if dcb is None else dcb)
 
 
-@vq_bwd.register_fake
-def _(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
+def _vq_bwd_fake(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     dcb = torch.empty_like(codebook) if d_codebook is not None else codebook.new_empty(0)
     return torch.empty_like(z, memory_format=torch.contiguous_format), dcb
 
 
-def _setup(ctx, inputs, output):
-    z, codebook, dim, precision, estimator, with_sums = inputs
-    ctx.save_for_backward(z, codebook, output[1])
-    ctx.dim, ctx.estimator = dim, estimator
-    ctx.mark_non_differentiable(output[5])
+nearest_code_op = Op("nearest_code", _nearest_code, _nearest_code_fake)
+vq_fwd = Op("vq_fwd", _vq_fwd, _vq_fwd_fake)
+vq_bwd = Op("vq_bwd", _vq_bwd, _vq_bwd_fake)
 
 
-def _backward(ctx, dq, _indices, d_codebook_loss, d_commitment_loss, _counts, _sums):
-    z, codebook, indices = ctx.saved_tensors
-    d_codebook = d_codebook_loss if ctx.needs_input_grad[1] else None
-    dz, dcb = vq_bwd(dq, z, codebook, indices, d_commitment_loss, d_codebook, ctx.dim, ctx.estimator)
-    return dz, (dcb if d_codebook is not None else None), None, None, None, None
+class _VQ(torch.autograd.Function):
+    """Autograd for vq_fwd: the loss output is both the codebook and the commitment loss (equal in value, different
+    gradients), so it is returned twice; saves z, the codebook and the indices."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, dim, precision, estimator, with_sums):
+        quantized, indices, loss, counts, sums = vq_fwd(z, codebook, dim, precision, with_sums)
+        ctx.save_for_backward(z, codebook, indices)
+        ctx.dim, ctx.estimator = dim, estimator
+        ctx.mark_non_differentiable(indices, counts, sums)
+        ctx.set_materialize_grads(False)
+        return quantized, indices, loss, loss.clone(), counts, sums
+
+    @staticmethod
+    def backward(ctx, dq, _indices, d_codebook_loss, d_commitment_loss, _counts, _sums):
+        z, codebook, indices = ctx.saved_tensors
+        d_codebook = d_codebook_loss if ctx.needs_input_grad[1] else None
+        dz, dcb = None, None
+        if dq is not None or d_commitment_loss is not None or d_codebook is not None:
+            dz, dcb = vq_bwd(dq, z, codebook, indices, d_commitment_loss, d_codebook, ctx.dim, ctx.estimator)
+        return dz, (dcb if d_codebook is not None else None), None, None, None, None
 
 
-vq_fwd.register_autograd(_backward, setup_context=_setup)
+def _vq(z, codebook, dim, precision, estimator, with_sums):
+    """(quantized, indices, codebook_loss, commitment_loss, counts, sums): through _VQ when a gradient is needed."""
+    if needs_grad(z, codebook):
+        return _VQ.apply(*distinct(z, codebook), dim, precision, estimator, with_sums)
+    quantized, indices, loss, counts, sums = vq_fwd(z, codebook, dim, precision, with_sums)
+    return quantized, indices, loss, loss, counts, sums
+
+
+def _no_grad(t: Tensor) -> Tensor:
+    """t detached, without the call when autograd does not track it (indices have no gradient)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _prepare(z, codebook, distance: str, dim: int, precision: str):
@@ -141,7 +159,7 @@ def nearest_code(z: Tensor, codebook: Tensor, *, distance: str = "l2", dim: int 
     dim = _prepare(z, codebook, distance, dim, precision)
     if distance == "cosine":
         codebook = F.normalize(codebook.detach(), dim=-1)
-    return nearest_code_op(z.detach(), codebook.detach(), dim, precision)
+    return nearest_code_op(_no_grad(z), _no_grad(codebook), dim, precision)
 
 
 def quantize_with_stats(z, codebook, *, beta=0.25, distance="l2", dim=-1, precision="exact", estimator="ste",
@@ -155,9 +173,10 @@ def quantize_with_stats(z, codebook, *, beta=0.25, distance="l2", dim=-1, precis
     _checks.choice("estimator", estimator, _checks.ESTIMATORS)
     if distance == "cosine":
         z, codebook = F.normalize(z, dim=dim), F.normalize(codebook, dim=-1)
-    quantized, indices, cb_loss, commit_loss, counts, sums = vq_fwd(z, codebook, dim, precision, estimator, with_sums)
-    probs = counts.to(acc_dtype(cb_loss.dtype)) / counts.sum().clamp_min(1)
-    perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum()).to(cb_loss.dtype)
+    quantized, indices, cb_loss, commit_loss, counts, sums = _vq(z, codebook, dim, precision, estimator, with_sums)
+    probs = counts.to(acc_dtype(cb_loss.dtype)).div_(counts.sum().clamp_min(1))
+    perplexity = torch.special.entr(probs).sum().exp()
+    perplexity = perplexity if perplexity.dtype == cb_loss.dtype else perplexity.to(cb_loss.dtype)
     result = VQResult(quantized, indices, cb_loss + beta * commit_loss, cb_loss, commit_loss, perplexity)
     return result, counts, sums, z
 

@@ -3,9 +3,10 @@
 Covered: euclidean and cosine codebooks, EMA updates (decay, Laplace smoothing, dead-code expiry, manual EMA)
 or learnable codebooks, the rotation trick (the default for dim > 1) or the straight-through estimator,
 commitment weight, projections, heads (shared or separate codebooks), channel_last both ways, image and 3-D
-feature maps, single tokens, freeze_codebook, return_loss_breakdown. The search, gather, losses and rotation
-gradient run in the fused op, and its per-code counts and sums replace the N x K one-hot EMA statistics; the
-K x D EMA arithmetic afterwards is the library's own (ema_inplace, update_ema, expire_codes_).
+feature maps, single tokens, freeze_codebook, return_loss_breakdown, and kmeans_init (vk.kmeans from the
+library's own initial sample, so the same random state gives the same codebook). The search, gather, losses
+and rotation gradient run in the fused op, and its per-code counts and sums replace the N x K one-hot EMA
+statistics; the K x D EMA arithmetic afterwards is the library's own (ema_inplace, update_ema, expire_codes_).
 """
 from __future__ import annotations
 
@@ -14,14 +15,36 @@ from functools import partial
 
 import torch
 
+from .._kmeans import lloyd
 from ..ops.vq import nearest_code, quantize_with_stats
 from ._base import Adapter, Uncovered
+from .vector_quantize_pytorch_lfq import LFQ
 
 _MODULE = "vector_quantize_pytorch.vector_quantize_pytorch"
 
 
 def _stack(ts: list) -> torch.Tensor:
     return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+@torch.no_grad()
+def _init_embed(cb, flat, lib) -> None:
+    """Codebook.init_embed_ with vk.kmeans in place of the library's N x K kmeans: the same initial samples (one
+    randperm or randint per codebook, in order, from the global generator), then the library's own buffer
+    arithmetic (embed_avg = means * bins, cluster_size = bins, update_ema). Under DDP with sync_kmeans, rank 0's
+    sample is broadcast instead of the library's multinomial split of the sample over ranks."""
+    if flat.shape[-2] < cb.codebook_size:
+        lib.logger.warning(f"k-means init received {flat.shape[-2]} vectors for a codebook of {cb.codebook_size} "
+                           "- duplicates will be sampled")
+    sync = cb.kmeans_all_reduce_fn is not lib.noop
+    distance = "cosine" if cb.use_cosine_sim else "l2"
+    means, bins = zip(*(lloyd(f, cb.codebook_size, iters=cb.kmeans_iters, distance=distance, sync=sync)
+                        for f in flat))
+    means, bins = torch.stack(means).to(flat.dtype), torch.stack(bins)
+    cb.embed_avg.data.copy_(means * bins.unsqueeze(-1))
+    cb.cluster_size.data.copy_(bins)
+    cb.update_ema()
+    cb.initted.data.copy_(torch.tensor(True))
 
 
 class VectorQuantize(Adapter):
@@ -47,7 +70,6 @@ class VectorQuantize(Adapter):
             ("vq_bridge", cb.vq_bridge is not None),
             ("in_place_codebook_optimizer", vq.in_place_codebook_optimizer is not None),
             ("sync_update_v > 0", vq.sync_update_v > 0),
-            ("kmeans_init that has not run yet", not bool(cb.initted)),
         )
         return next((name for name, active in options if active), None)
 
@@ -89,6 +111,8 @@ class VectorQuantize(Adapter):
         if squeeze:
             xf = xf.unsqueeze(0)
         flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
+        if not cb.initted:  # kmeans_init: on the first call, in any mode, as Codebook.forward does
+            _init_embed(cb, flat, lib)
         embed = (cb.embed if cb.learnable_codebook else cb.embed.detach()).to(xf.dtype)
         update = vq.training and not freeze and (ema_update or cb.has_dead_code_replacement)
         estimator = "rotation" if vq.rotation_trick else "ste"
@@ -160,4 +184,4 @@ class VectorQuantize(Adapter):
         return quantize, embed_ind, loss, lib.LossBreakdown(commit_loss, vq.zero, vq.zero, vq.zero)
 
 
-ADAPTERS = (VectorQuantize(),)
+ADAPTERS = (VectorQuantize(), LFQ())

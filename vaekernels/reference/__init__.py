@@ -4,13 +4,18 @@ Every backend module (this one, `vaekernels.triton`, `vaekernels.cuda`) implemen
 functions with the same contract; the ops in `vaekernels.ops` validated the arguments already.
 
 gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale) -> (z | None, kl | None)
-    mu, logvar, prior_* (or None): contiguous, one shape and device. seed: 0-d int64 tensor, or None for no sample.
-    z = mu + exp(0.5 logvar) * randn(seed, offset = flat index), in mu's dtype.
+    mu, logvar, prior_* (or None): contiguous, one shape and device. seed: 0-d int64 tensor, or None for no sample;
+    on the host (eager calls) or on mu's device (drawn under torch.compile or CUDA-graph capture).
+    z = mu + exp(0.5 logvar) * eps, in mu's dtype, eps drawn from the seed: the Philox stream of tl.randn(seed,
+    flat index) on GPUs (Triton, CUDA, and this backend on CUDA tensors); this backend on CPU tensors draws from
+    torch's CPU generator seeded with it (`reference.gaussian.noise`).
     kl_mode "none": no KL; "elementwise": KL per element in mu's dtype; "sum": kl_scale * sum, a 0-d
     accumulation-dtype tensor; "latent": kl_scale * sum over dim 0, shape (numel // shape[0],); "sample":
     kl_scale * sum over all but dim 0, shape (shape[0],).
-gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode) -> (dmu | None, dlogvar, dprior_mu, dprior_logvar)
-    dz: gradient of z or None; dkl: gradient of the KL in the shape kl_mode gave it (kl_scale already applied), or None.
+gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale) -> (dmu | None, dlogvar, dprior_mu, dprior_logvar)
+    dz: gradient of z or None; z: the forward's sample (passed for CPU tensors, where z - mu = sigma * eps saves
+    drawing eps again), or None: regenerate eps from the seed; dkl: gradient of the KL in the shape kl_mode gave it, or None; the KL's own gradient is
+    multiplied by kl_scale (1.0 for "elementwise").
     dmu is None when dkl is None (the caller uses dz itself); dprior_* are None without a prior.
 nearest_code(z, codebook, dim, precision) -> int64 indices, z's shape without `dim`; -1 where a distance is NaN.
 vq_forward(z, codebook, dim, precision, with_sums) -> (quantized, indices, sq_err, counts, sums | None)
@@ -19,8 +24,22 @@ vq_forward(z, codebook, dim, precision, with_sums) -> (quantized, indices, sq_er
 vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator) -> (dz, dcodebook | None)
     dz = T(dq) + (2 / numel) * d_commit * (z - e), T the identity ("ste") or the rotation-trick map ("rotation");
     dcodebook = scatter by code of (2 / numel) * d_codebook * (e - z) (None when d_codebook is None).
+lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps)
+        -> (quantized, indices, avg, per_sample_entropy, commitment)
+    x: contiguous, num_codebooks * K channels along dim, K <= 24; per group x~ = x (spherical: s x / ||x||), codes
+    +-sigma (sigma = s, spherical s / sqrt(K)). quantized: x's shape and dtype, where(x~ > 0, sigma, -sigma);
+    indices: int64, x's shape with dim replaced by a last axis of num_codebooks, bits most significant first;
+    avg: (num_codebooks, 2^K) accumulation-dtype mean over tokens of p(c | x) = softmax_c(2 inv_temperature <x~, c>);
+    per_sample_entropy: 0-d mean over tokens and groups of H(p) (clamped: -sum p log max(p, eps)); commitment: 0-d
+    mean((x~ - quantized)^2). Streams over code tiles: never tokens x codes.
+lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps) -> dx
+    dq (straight-through to x~), d_avg (num_codebooks, 2^K), d_ps, d_commit (0-d): gradients of lfq_forward's
+    outputs, each possibly None; dx: x's shape and dtype, through the spherical normalisation.
 """
 from .gaussian import gaussian_backward, gaussian_forward
+from .lfq import lfq_backward, lfq_forward
 from .vq import nearest_code, vq_backward, vq_forward
 
-__all__ = ["gaussian_forward", "gaussian_backward", "nearest_code", "vq_forward", "vq_backward"]
+OPS = frozenset({"gaussian_fwd", "gaussian_bwd", "nearest_code", "vq_fwd", "vq_bwd", "lfq_fwd", "lfq_bwd"})  # the DISPATCH_OPS it implements
+
+__all__ = ["gaussian_forward", "gaussian_backward", "nearest_code", "vq_forward", "vq_backward", "lfq_forward", "lfq_backward"]

@@ -1,9 +1,19 @@
-"""Reparameterization and Gaussian KL in plain PyTorch (accumulating in float32, or float64 for float64)."""
+"""Reparameterization and Gaussian KL in plain PyTorch (accumulating in float32, or float64 for float64).
+
+Written for few passes over memory, since on the CPU this backend is what "auto" runs: eps comes from torch's own
+generator on CPU tensors (seeded from the op's seed) and from the tensor Philox of `tl.randn` elsewhere; the KL is
+one elementwise expression built in place; the backward takes sigma * eps as z - mu from the saved sample when it
+has one in float32/float64, else regenerates eps from the seed.
+"""
 from __future__ import annotations
+
+import threading
 
 import torch
 
 from . import philox
+
+_local = threading.local()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -11,66 +21,92 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _eps(seed: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # the seed stays a tensor on mu's device: no host synchronisation on a GPU
-    return philox.randn(seed.to(mu.device), mu.numel(), device=mu.device).view(mu.shape).to(dtype)
+def _cpu_generator(seed: torch.Tensor) -> torch.Generator:
+    """This thread's CPU generator, re-seeded from the op's seed (creating one per call costs more than seeding)."""
+    gen = getattr(_local, "generator", None)
+    if gen is None:
+        gen = _local.generator = torch.Generator()
+    return gen.manual_seed(int(seed))
 
 
-def _kl(mu, logvar, prior_mu, prior_logvar):
-    """Elementwise KL(N(mu, exp(lv)) || prior)."""
+def noise(seed: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """eps ~ N(0, I) of `like`'s shape for the op's 0-d seed: torch's generator on CPU tensors (as fast as
+    torch.randn), the Philox stream of Triton's tl.randn(seed, flat index) on other devices (the seed stays on the
+    device: no host synchronisation). A fresh tensor, free to be overwritten."""
+    if like.device.type == "cpu":
+        return torch.randn(like.shape, generator=_cpu_generator(seed), dtype=dtype)
+    return philox_noise(seed, like, dtype)
+
+
+def philox_noise(seed: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """eps of `like`'s shape from the Philox stream of tl.randn(seed, flat index): what the GPU backends draw."""
+    return philox.randn(seed.to(like.device), like.numel(), device=like.device).view(like.shape).to(dtype)
+
+
+def _twice_kl(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
+    """2 * elementwise KL(N(mu, exp(lv)) || prior) in a fresh tensor; expm1 keeps the near-prior terms exact."""
     diff = mu if prior_mu is None else mu - prior_mu
-    if prior_logvar is None:
-        return 0.5 * (torch.exp(logvar) + diff * diff - 1.0 - logvar)
-    return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + diff * diff) * torch.exp(-prior_logvar) - 1.0)
+    if prior_logvar is None:  # exp(lv) - 1 - lv + diff^2
+        return torch.expm1(logvar).sub_(logvar).addcmul_(diff, diff)
+    inv_pvar = torch.exp(-prior_logvar)  # plv - lv + (exp(lv) + diff^2) / pvar - 1
+    return torch.exp(logvar).addcmul_(diff, diff).mul_(inv_pvar).add_(prior_logvar).sub_(logvar).sub_(1.0)
 
 
 def _f(t, dtype):
-    return None if t is None else t.to(dtype)
+    """t in dtype (None stays None), without a call when it already is: this path is timed per call on the CPU."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
     acc = acc_dtype(mu.dtype)
-    m, lv = mu.to(acc), logvar.to(acc)
+    m, lv = _f(mu, acc), _f(logvar, acc)
     z = None
     if seed is not None:
-        z = (m + torch.exp(0.5 * lv) * _eps(seed, mu, acc)).to(mu.dtype)
+        eps = noise(seed, mu, acc)
+        z = _f(torch.addcmul(m, eps, torch.mul(lv, 0.5).exp_(), out=eps), mu.dtype)
     if kl_mode == "none":
         return z, None
-    kl = _kl(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
+    kl2 = _twice_kl(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
     if kl_mode == "elementwise":
-        return z, kl.to(mu.dtype)
+        return z, _f(kl2.mul_(0.5), mu.dtype)
     if kl_mode == "sum":
-        return z, kl.sum() * kl_scale
-    per_row = kl.reshape(mu.shape[0], -1)
-    return z, (per_row.sum(1) if kl_mode == "sample" else per_row.sum(0)) * kl_scale
+        return z, kl2.sum() * (0.5 * kl_scale)
+    per_row = kl2.view(mu.shape[0], -1)
+    return z, (per_row.sum(1) if kl_mode == "sample" else per_row.sum(0)).mul_(0.5 * kl_scale)
 
 
-def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode):
+def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):
     acc = acc_dtype(mu.dtype)
-    m, lv = mu.to(acc), logvar.to(acc)
-    dlv = torch.zeros_like(lv)
-    dmu = dpmu = dplv = None
-    if dz is not None and seed is not None:
-        dlv = dlv + 0.5 * dz.to(acc) * torch.exp(0.5 * lv) * _eps(seed, mu, acc)
+    m, lv = _f(mu, acc), _f(logvar, acc)
+    dmu = dpmu = dplv = dlv = None
+    if dz is not None and seed is not None:  # dz * d(sigma eps)/dlv = 0.5 dz sigma eps
+        if z is not None and z.dtype in (torch.float32, torch.float64):
+            dlv = torch.sub(_f(z, acc), m)
+        else:
+            dlv = noise(seed, mu, acc).mul_(torch.mul(lv, 0.5).exp_())
+        dlv.mul_(dz).mul_(0.5)
     if dkl is not None:
-        w = dkl.to(acc)
-        if kl_mode == "latent":
-            w = w.expand(mu.shape[0], w.numel()).reshape(mu.shape)
-        elif kl_mode == "sample":
-            w = w.reshape(-1, *([1] * (mu.dim() - 1)))
-        var = torch.exp(lv)
-        diff = m if prior_mu is None else m - prior_mu.to(acc)
+        w = _f(dkl * kl_scale if kl_scale != 1.0 else dkl, acc)
+        diff = m if prior_mu is None else m - _f(prior_mu, acc)
+        if kl_mode in ("latent", "sample"):  # per-latent or per-sample weights: work on (batch, rest) views
+            w = w.view(1, -1) if kl_mode == "latent" else w.view(-1, 1)
+            lv, diff = lv.view(mu.shape[0], -1), diff.view(mu.shape[0], -1)
         if prior_logvar is None:  # dKL/dmu = diff, dKL/dlogvar = (var - 1) / 2
-            dmu = w * diff
-            dlv = dlv + w * 0.5 * (var - 1.0)
+            dmu = diff * w
+            dlv_kl = torch.expm1(lv).mul_(w).mul_(0.5)
         else:  # prior variance p: diff / p, (var / p - 1) / 2; dKL/dprior_logvar = (1 - (var + diff^2) / p) / 2
-            inv_pvar = torch.exp(-prior_logvar.to(acc))
-            dmu = w * diff * inv_pvar
-            dlv = dlv + w * 0.5 * (var * inv_pvar - 1.0)
-            dplv = (w * 0.5 * (1.0 - (var + diff * diff) * inv_pvar)).to(prior_logvar.dtype)
+            inv_pvar = torch.exp(-_f(prior_logvar, acc)).view(lv.shape)
+            var_p = torch.exp(lv).mul_(inv_pvar)
+            dmu = (diff * inv_pvar).mul_(w)
+            dlv_kl = (var_p - 1.0).mul_(w).mul_(0.5)
+            dplv = _f((1.0 - var_p - diff * diff * inv_pvar).mul_(w).mul_(0.5).view(mu.shape), prior_logvar.dtype)
+        dmu, dlv_kl = dmu.view(mu.shape), dlv_kl.view(mu.shape)
+        dlv = dlv_kl if dlv is None else dlv.add_(dlv_kl)
         if prior_mu is not None:
-            dpmu = (-dmu).to(prior_mu.dtype)
+            dpmu = _f(-dmu, prior_mu.dtype)
         if dz is not None:
-            dmu = dmu + dz.to(acc)
-        dmu = dmu.to(mu.dtype)
-    return dmu, dlv.to(logvar.dtype), dpmu, dplv
+            dmu = dmu.add_(dz)
+        dmu = _f(dmu, mu.dtype)
+    if dlv is None:
+        dlv = torch.zeros_like(logvar)
+    return dmu, _f(dlv, logvar.dtype), dpmu, dplv

@@ -52,13 +52,36 @@ def randn(seed: torch.Tensor | int, numel: int, device=None) -> torch.Tensor:
     return out
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A 0-d int64 seed on `device`, drawn from torch's generator (or `generator`), as inductor does.
+_M64 = (1 << 64) - 1
 
-    A generator on another device (a CPU generator for CUDA latents, as diffusers allows) draws on its own
-    device and the seed is copied over."""
-    if generator is not None and generator.device.type != torch.device(device).type:
-        return torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator).to(device)
+
+def _mix(seed: int, offset: int) -> int:
+    """A 62-bit seed from a generator's (seed, Philox offset): splitmix64's finaliser, so nearby offsets give
+    unrelated seeds."""
+    x = (seed * 0x9E3779B97F4A7C15 + offset + 1) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) >> 2
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A 0-d int64 seed for one sampling call, from torch's generator for `device` (or `generator`), so that
+    `torch.manual_seed` reproduces every sample and each call draws fresh noise.
+
+    Eager calls keep the seed on the host, drawn without a device launch: on the CPU with torch.randint; for
+    CUDA latents from the CUDA generator's Philox state (its seed and offset, which advances by 4 as one draw of
+    PyTorch's own would). Under torch.compile or CUDA-graph capture the seed is drawn on the device with
+    torch.randint, as inductor does, so each graph replay draws anew. A generator on another device (a CPU
+    generator for CUDA latents, as diffusers allows) draws on its own device."""
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        return torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device)
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        gen = generator or torch.cuda.default_generators[device.index if device.index is not None
+                                                         else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return torch.tensor(_mix(gen.initial_seed(), offset), dtype=torch.int64)
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
 
 

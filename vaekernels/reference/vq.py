@@ -14,12 +14,20 @@ _BLOCK_ELEMENTS = 1 << 22  # distances per block
 
 def rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t with axis `dim` moved last and the others flattened: (N, D) rows (a view when possible)."""
+    if dim == t.dim() - 1:
+        return t.reshape(-1, t.shape[dim])
     return t.movedim(dim, -1).reshape(-1, t.shape[dim])
 
 
 def unrows(r: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of `rows`: (N, D) back to `like`'s shape (contiguous)."""
+    if dim == like.dim() - 1:
+        return r.view(like.shape)
     return r.reshape(like.movedim(dim, -1).shape).movedim(-1, dim).contiguous()
+
+
+def _f(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _blocks(n: int, k: int):
@@ -28,23 +36,27 @@ def _blocks(n: int, k: int):
         yield slice(start, min(start + step, n))
 
 
+def _search_block(zr: torch.Tensor, cbf: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    d = torch.addmm(norms, _f(zr, cbf.dtype), cbf.t(), alpha=-2.0)
+    best, idx = d.min(1)  # min picks a NaN when the row has one, so checking the picked value suffices
+    return idx.masked_fill_(best.isnan(), -1)
+
+
 def _search(zr: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     """argmin_k ||e_k||^2 - 2 z.e_k per row (lowest index on ties, -1 where a distance is NaN)."""
-    acc = acc_dtype(torch.promote_types(zr.dtype, cb.dtype))
-    cbf = cb.to(acc)
-    norms = (cbf * cbf).sum(1)
+    cbf = _f(cb, acc_dtype(torch.promote_types(zr.dtype, cb.dtype)))
+    norms = cbf.square().sum(1)
+    if zr.shape[0] * cb.shape[0] <= _BLOCK_ELEMENTS:
+        return _search_block(zr, cbf, norms)
     out = torch.empty(zr.shape[0], dtype=torch.int64, device=zr.device)
     for blk in _blocks(zr.shape[0], cb.shape[0]):
-        d = torch.addmm(norms, zr[blk].to(acc), cbf.t(), alpha=-2.0)
-        idx = d.argmin(1)  # argmin picks a NaN when the row has one, so checking the picked value suffices
-        out[blk] = idx.masked_fill_(d.gather(1, idx.unsqueeze(1)).squeeze(1).isnan(), -1)
+        out[blk] = _search_block(zr[blk], cbf, norms)
     return out
 
 
 def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Codes for each index, NaN rows for -1."""
-    e = cb.to(dtype)[idx.clamp_min(0)]
-    return e.masked_fill_((idx < 0).unsqueeze(1), float("nan"))
+    return _f(cb, dtype)[idx].masked_fill_((idx < 0).unsqueeze(1), float("nan"))
 
 
 def scatter_rows(idx: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,8 +65,12 @@ def scatter_rows(idx: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tenso
     return out.index_put_((idx,), values, accumulate=True)
 
 
+def _index_shape(z: torch.Tensor, dim: int) -> tuple:
+    return z.shape[:dim] + z.shape[dim + 1:]
+
+
 def nearest_code(z, codebook, dim, precision):
-    return _search(rows(z, dim), codebook).view(z.movedim(dim, -1).shape[:-1])
+    return _search(rows(z, dim), codebook).view(_index_shape(z, dim))
 
 
 def vq_forward(z, codebook, dim, precision, with_sums):
@@ -62,14 +78,14 @@ def vq_forward(z, codebook, dim, precision, with_sums):
     zr = rows(z, dim)
     idx = _search(zr, codebook)
     e = _gather(codebook, idx, acc)
-    sq_err = ((e - zr.to(acc)) ** 2).sum()
-    valid = idx >= 0
-    counts = torch.bincount(idx[valid], minlength=codebook.shape[0])
-    sums = None
-    if with_sums:
-        sums = scatter_rows(idx[valid], zr[valid].to(acc), codebook.shape[0])
-    quantized = unrows(e.to(z.dtype), z, dim)
-    return quantized, idx.view(z.movedim(dim, -1).shape[:-1]), sq_err, counts, sums
+    zf = _f(zr, acc)
+    sq_err = torch.sub(e, zf).square_().sum()
+    k = codebook.shape[0]
+    slot = torch.where(idx < 0, k, idx)  # NaN rows (index -1) land in an extra slot that is dropped
+    counts = torch.bincount(slot, minlength=k + 1)[:k]
+    sums = scatter_rows(slot, zf, k + 1)[:k] if with_sums else None
+    quantized = unrows(_f(e, z.dtype), z, dim)
+    return quantized, idx.view(_index_shape(z, dim)), sq_err, counts, sums
 
 
 def rotation_grad(dq: torch.Tensor, z: torch.Tensor, e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -88,19 +104,23 @@ def rotation_grad(dq: torch.Tensor, z: torch.Tensor, e: torch.Tensor, eps: float
 
 def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     acc = acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
-    zr = rows(z, dim).to(acc)
+    zr = _f(rows(z, dim), acc)
     idx = indices.reshape(-1)
     e = _gather(codebook, idx, acc)
     scale = 2.0 / z.numel() if z.numel() else 0.0
-    dz = torch.zeros_like(zr)
+    dz = None
     if dq is not None:
-        dqr = rows(dq, dim).to(acc)
+        dqr = _f(rows(dq, dim), acc)
         dz = rotation_grad(dqr, zr, e) if estimator == "rotation" else dqr
     if d_commit is not None:
-        dz = dz + (scale * d_commit.to(acc)) * (zr - e)
+        commit = torch.sub(zr, e).mul_(_f(d_commit, acc) * scale)
+        dz = commit if dz is None else commit.add_(dz)
+    if dz is None:
+        dz = torch.zeros_like(zr)
     dcb = None
     if d_codebook is not None:
-        valid = idx >= 0
-        diff = (scale * d_codebook.to(acc)) * (e[valid] - zr[valid])
-        dcb = scatter_rows(idx[valid], diff, codebook.shape[0]).to(codebook.dtype)
-    return unrows(dz.to(z.dtype), z, dim), dcb
+        k = codebook.shape[0]
+        slot = torch.where(idx < 0, k, idx)  # NaN rows (index -1) land in an extra slot that is dropped
+        diff = torch.sub(e, zr).mul_(_f(d_codebook, acc) * scale)
+        dcb = _f(scatter_rows(slot, diff, k + 1)[:k], codebook.dtype)
+    return unrows(_f(dz, z.dtype), z, dim), dcb

@@ -30,6 +30,15 @@ def reduce_rows_kernel(partial_ptr, out_ptr, scale, G, M, BLOCK_G: tl.constexpr,
     tl.store(out_ptr + cols, tl.sum(acc, axis=0) * scale, mask=cols < M)
 
 
+def seed_arg(seed: torch.Tensor) -> tuple[int | torch.Tensor, bool]:
+    """(kernel argument, SEED_ON_HOST) for the op's 0-d int64 seed: its value when it lives on the host (eager
+    calls draw it there, see philox.draw_seed: no device read, no extra launch), else the tensor itself, read by
+    the kernel (a seed drawn on the GPU inside torch.compile or CUDA-graph capture)."""
+    if seed.device.type == "cpu":
+        return int(seed), True
+    return seed, False
+
+
 def reduce_rows(partial: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """scale * partial.sum(0) for a contiguous float32 (G, M) tensor, deterministically; out has M elements."""
     g, m = partial.shape

@@ -6,6 +6,8 @@ take a single program and a single launch). Backward: one elementwise pass that 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,9 +49,19 @@ def _element(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, z_ptr, kl_ptr, seed, offs, mask,
 
 
 @triton.jit
-def _forward_kernel(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, out_ptr, scale,
+def _seed(seed_arg, SEED_ON_HOST: tl.constexpr):
+    """The Philox seed: the argument itself (SEED_ON_HOST) or the 0-d int64 tensor it points to."""
+    if SEED_ON_HOST:
+        seed = seed_arg.to(tl.int64)
+    else:
+        seed = tl.load(seed_arg)
+    return seed
+
+
+@triton.jit
+def _forward_kernel(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_arg, z_ptr, kl_ptr, out_ptr, scale,
                     B, L, ROW_TILES, COL_TILES,
-                    SAMPLE_Z: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
+                    SAMPLE_Z: tl.constexpr, SEED_ON_HOST: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
                     DIRECT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The (B, L) view is cut into (BLOCK_R, BLOCK_C) tiles; program (i, j) walks ROW_TILES x COL_TILES of them.
 
@@ -60,7 +72,7 @@ def _forward_kernel(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, o
     pid_c = tl.program_id(1)
     seed = 0
     if SAMPLE_Z:
-        seed = tl.load(seed_ptr)
+        seed = _seed(seed_arg, SEED_ON_HOST)
     rt0 = pid_r * ROW_TILES
     ct0 = pid_c * COL_TILES
     row_lanes = tl.arange(0, BLOCK_R)
@@ -108,13 +120,14 @@ def _forward_kernel(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, o
 
 
 @triton.jit
-def _backward_kernel(dz_ptr, w_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr,
+def _backward_kernel(dz_ptr, w_ptr, w_scale, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_arg,
                      dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, n, L,
-                     HAS_DZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
+                     HAS_DZ: tl.constexpr, SEED_ON_HOST: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
                      WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """dmu = dz + w dKL/dmu, dlogvar = 0.5 dz sigma eps + w dKL/dlogvar, and the prior gradients, in one pass.
 
-    w is the KL's incoming gradient: per element (1), one scalar (2), per latent column (3) or per sample row (4).
+    w is w_scale times the KL's incoming gradient: per element (1), one scalar (2), per latent column (3) or per
+    sample row (4).
     """
     offs = _wide(tl.program_id(0), WIDE) * BLOCK + tl.arange(0, BLOCK)  # Philox draws the same for either width
     mask = offs < n
@@ -122,7 +135,7 @@ def _backward_kernel(dz_ptr, w_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr,
     dlv = tl.zeros_like(lv)
     if HAS_DZ:
         dz = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dlv = 0.5 * dz * tl.exp(0.5 * lv) * tl.randn(tl.load(seed_ptr), offs)
+        dlv = 0.5 * dz * tl.exp(0.5 * lv) * tl.randn(_seed(seed_arg, SEED_ON_HOST), offs)
     if KL_MODE != 0:
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if KL_MODE == 1:
@@ -133,6 +146,7 @@ def _backward_kernel(dz_ptr, w_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr,
             w = tl.load(w_ptr + offs % L, mask=mask, other=0.0).to(tl.float32)
         else:
             w = tl.load(w_ptr + offs // L, mask=mask, other=0.0).to(tl.float32)
+        w = w * w_scale
         diff = mu
         if HAS_PMU:
             diff = mu - tl.load(pmu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -154,12 +168,14 @@ def _backward_kernel(dz_ptr, w_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr,
     tl.store(dlv_ptr + offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=1024)
 def _tiles(b: int, length: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): BLOCK elements per tile, as wide as the rows allow."""
     block_c = min(triton.next_power_of_2(length), BLOCK)
     return BLOCK // block_c, block_c
 
 
+@functools.lru_cache(maxsize=1024)
 def _plan(kl_mode: int, b: int, length: int) -> tuple[int, int, int, int]:
     """(row groups, column groups, row tiles per program, column tiles per program) for the forward grid."""
     block_r, block_c = _tiles(b, length)
@@ -196,20 +212,21 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
         partial = out if direct else mu.new_empty((writers, out.numel()), dtype=torch.float32)
     block_r, block_c = _tiles(b, length)
     dummy = mu
+    seed_value, seed_on_host = _common.seed_arg(seed) if seed is not None else (0, True)
     _forward_kernel[(row_groups, col_groups)](
         mu, logvar, prior_mu if prior_mu is not None else dummy, prior_logvar if prior_logvar is not None else dummy,
-        seed if seed is not None else dummy, z if z is not None else dummy, kl if kl is not None else dummy,
+        seed_value, z if z is not None else dummy, kl if kl is not None else dummy,
         partial if partial is not None else dummy, kl_scale, b, length, row_tiles, col_tiles,
-        SAMPLE_Z=seed is not None, KL_MODE=mode, HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
+        SAMPLE_Z=seed is not None, SEED_ON_HOST=seed_on_host, KL_MODE=mode, HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
         DIRECT=direct, BLOCK_R=block_r, BLOCK_C=block_c)
     if writers and not direct:
         reduce_rows(partial, kl_scale, out.view(-1))
     return z, (kl if mode == ELEMENTWISE else out)
 
 
-def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode):
+def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):  # z unused: eps is regenerated
     if mu.dtype == torch.float64:
-        return reference.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode)
+        return reference.gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale)
     mode = _MODES[kl_mode] if dkl is not None else NONE
     has_dz = dz is not None and seed is not None
     n = mu.numel()
@@ -219,11 +236,12 @@ def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, kl_mode
     dpmu = torch.empty_like(prior_mu) if prior_mu is not None and mode != NONE else None
     dplv = torch.empty_like(prior_logvar) if prior_logvar is not None and mode != NONE else None
     dummy = mu
+    seed_value, seed_on_host = _common.seed_arg(seed) if has_dz else (0, True)
     _backward_kernel[(triton.cdiv(n, BLOCK),)](
-        dz.contiguous() if has_dz else dummy, dkl.contiguous() if dkl is not None else dummy, mu, logvar,
+        dz.contiguous() if has_dz else dummy, dkl.contiguous() if dkl is not None else dummy, kl_scale, mu, logvar,
         prior_mu if prior_mu is not None else dummy, prior_logvar if prior_logvar is not None else dummy,
-        seed if has_dz else dummy, dmu if dmu is not None else dummy, dlv,
+        seed_value, dmu if dmu is not None else dummy, dlv,
         dpmu if dpmu is not None else dummy, dplv if dplv is not None else dummy, n, length,
-        HAS_DZ=has_dz, KL_MODE=mode, HAS_PMU=dpmu is not None, HAS_PLV=dplv is not None,
+        HAS_DZ=has_dz, SEED_ON_HOST=seed_on_host, KL_MODE=mode, HAS_PMU=dpmu is not None, HAS_PLV=dplv is not None,
         WIDE=n + BLOCK >= _common.WIDE_OFFSETS, BLOCK=BLOCK)
     return dmu, dlv, dpmu, dplv
