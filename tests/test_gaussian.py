@@ -86,6 +86,22 @@ def test_reparameterize_formula_and_backward():
     assert torch.autograd.gradcheck(lambda m, l: vk.reparameterize(m, l, generator=gen()), (mu, lv))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reparameterize_kl_gradcheck(reduction):
+    """The fused sample + KL: float64 gradcheck of both outputs (the sample's noise fixed by a generator)."""
+    mu, lv = _pair((4, 3, 2))
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+
+    def f(m, l):
+        z, kl = vk.reparameterize_kl(m, l, reduction=reduction, generator=gen())
+        return z, kl
+
+    assert torch.autograd.gradcheck(f, (mu, lv))
+    torch.manual_seed(0)
+    z, kl = vk.reparameterize_kl(mu, lv, reduction=reduction)
+    torch.testing.assert_close(kl, eager.gaussian_kl(mu, lv, reduction=reduction))
+
+
 def test_reparameterize_seeding():
     mu, lv = torch.zeros(1000), torch.zeros(1000)
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ has one in float32/float64, else regenerates eps from the seed.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -52,6 +53,14 @@ def _twice_kl(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
     return torch.exp(logvar).addcmul_(diff, diff).mul_(inv_pvar).add_(prior_logvar).sub_(logvar).sub_(1.0)
 
 
+_SQRT_E = math.exp(0.5)
+
+
+def _sigma(logvar: torch.Tensor) -> torch.Tensor:
+    """exp(0.5 * logvar) as sqrt(e) ** logvar: one elementwise op instead of a scaling and an exp."""
+    return torch.pow(_SQRT_E, logvar)
+
+
 def _f(t, dtype):
     """t in dtype (None stays None), without a call when it already is: this path is timed per call on the CPU."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
@@ -63,7 +72,7 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
     z = None
     if seed is not None:
         eps = noise(seed, mu, acc)
-        z = _f(torch.addcmul(m, eps, torch.mul(lv, 0.5).exp_(), out=eps), mu.dtype)
+        z = _f(torch.addcmul(m, eps, _sigma(lv), out=eps), mu.dtype)
     if kl_mode == "none":
         return z, None
     kl2 = _twice_kl(m, lv, _f(prior_mu, acc), _f(prior_logvar, acc))
@@ -78,35 +87,40 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
 def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):
     acc = acc_dtype(mu.dtype)
     m, lv = _f(mu, acc), _f(logvar, acc)
-    dmu = dpmu = dplv = dlv = None
+    dmu = dpmu = dplv = sigma_eps = None
     if dz is not None and seed is not None:  # dz * d(sigma eps)/dlv = 0.5 dz sigma eps
         if z is not None and z.dtype in (torch.float32, torch.float64):
-            dlv = torch.sub(_f(z, acc), m)
+            sigma_eps = torch.sub(_f(z, acc), m)
         else:
-            dlv = noise(seed, mu, acc).mul_(torch.mul(lv, 0.5).exp_())
-        dlv.mul_(dz).mul_(0.5)
-    if dkl is not None:
-        w = _f(dkl * kl_scale if kl_scale != 1.0 else dkl, acc)
-        diff = m if prior_mu is None else m - _f(prior_mu, acc)
-        if kl_mode in ("latent", "sample"):  # per-latent or per-sample weights: work on (batch, rest) views
-            w = w.view(1, -1) if kl_mode == "latent" else w.view(-1, 1)
-            lv, diff = lv.view(mu.shape[0], -1), diff.view(mu.shape[0], -1)
-        if prior_logvar is None:  # dKL/dmu = diff, dKL/dlogvar = (var - 1) / 2
-            dmu = diff * w
-            dlv_kl = torch.expm1(lv).mul_(w).mul_(0.5)
-        else:  # prior variance p: diff / p, (var / p - 1) / 2; dKL/dprior_logvar = (1 - (var + diff^2) / p) / 2
-            inv_pvar = torch.exp(-_f(prior_logvar, acc)).view(lv.shape)
-            var_p = torch.exp(lv).mul_(inv_pvar)
-            dmu = (diff * inv_pvar).mul_(w)
-            dlv_kl = (var_p - 1.0).mul_(w).mul_(0.5)
-            dplv = _f((1.0 - var_p - diff * diff * inv_pvar).mul_(w).mul_(0.5).view(mu.shape), prior_logvar.dtype)
-        dmu, dlv_kl = dmu.view(mu.shape), dlv_kl.view(mu.shape)
-        dlv = dlv_kl if dlv is None else dlv.add_(dlv_kl)
+            sigma_eps = noise(seed, mu, acc).mul_(_sigma(lv))
+    if dkl is None:
+        dlv = torch.zeros_like(lv) if sigma_eps is None else sigma_eps.mul_(dz).mul_(0.5)
+        return dmu, _f(dlv, logvar.dtype), dpmu, dplv
+    # the KL's gradients, weighted by w = dkl * kl_scale (addcmul's value carries the scale: one op each)
+    w, shape = _f(dkl, acc), mu.shape
+    diff = m if prior_mu is None else m - _f(prior_mu, acc)
+    if kl_mode in ("latent", "sample"):  # per-latent or per-sample weights: work on (batch, rest) views
+        w = w.view(1, -1) if kl_mode == "latent" else w.view(-1, 1)
+        shape = (mu.shape[0], -1)
+        lv, diff = lv.view(shape), diff.view(shape)
+    if prior_logvar is None:  # dKL/dmu = diff, dKL/dlogvar = (var - 1) / 2
+        dlv_kl, dmu_kl = torch.expm1(lv), diff
+    else:  # prior variance p: diff / p, (var / p - 1) / 2; dKL/dprior_logvar = (1 - (var + diff^2) / p) / 2
+        inv_pvar = torch.exp(-_f(prior_logvar, acc)).view(lv.shape)
+        var_p = torch.exp(lv).mul_(inv_pvar)
+        dlv_kl, dmu_kl = var_p - 1.0, diff * inv_pvar
+        dplv = (1.0 - var_p - diff * diff * inv_pvar).mul_(w).mul_(0.5 * kl_scale)
+        dplv = _f(dplv.view(mu.shape), prior_logvar.dtype)
+    if sigma_eps is None:
+        dlv = dlv_kl.mul_(w).mul_(0.5 * kl_scale)
+    else:
+        dlv = torch.addcmul(sigma_eps.mul_(dz).view(shape), dlv_kl, w, value=kl_scale, out=dlv_kl).mul_(0.5)
+    if prior_mu is not None or dz is None:
+        dmu = torch.mul(dmu_kl, w).mul_(kl_scale).view(mu.shape)
         if prior_mu is not None:
             dpmu = _f(-dmu, prior_mu.dtype)
         if dz is not None:
             dmu = dmu.add_(dz)
-        dmu = _f(dmu, mu.dtype)
-    if dlv is None:
-        dlv = torch.zeros_like(logvar)
-    return dmu, _f(dlv, logvar.dtype), dpmu, dplv
+    else:
+        dmu = torch.addcmul(_f(dz, acc).view(shape), dmu_kl, w, value=kl_scale).view(mu.shape)
+    return _f(dmu, mu.dtype), _f(dlv.view(mu.shape), logvar.dtype), dpmu, dplv

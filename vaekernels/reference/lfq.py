@@ -15,8 +15,8 @@ so a tile of log-probabilities for all tokens is one (N x K) @ (K x T) product p
 - the backward of anything computed from avg (gradient g = d loss / d avg) is, per token,
   d/dw_k = S1_k - sigmoid(w_k) * S0 with S1 = sum_c p_c W_c bits(c), S0 = sum_c p_c W_c, W_c = g_c / N, again one
   streamed pass: (N x T) @ (T x K) per tile.
-Extra memory is O(N * K + 2^K) plus one tile of at most _TILE_ELEMENTS log-probabilities (and its exp), and for the
-clamped entropy the kept (token, high) pairs of one token block (at most _TILE_ELEMENTS, int64).
+Extra memory is O(N * K + 2^K) plus one tile of at most _TILE_ELEMENTS log-probabilities (and its exp); the clamped
+entropy's tiles, per-block tables and kept-pair lists hold at most a quarter of that each.
 """
 from __future__ import annotations
 
@@ -99,17 +99,17 @@ def _binary_entropy(w: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(w) * sp(-w) + torch.sigmoid(-w) * sp(w)
 
 
-def _dense_tiles(log_a: torch.Tensor, log_l: torch.Tensor):
+def _dense_tiles(log_a: torch.Tensor, log_l: torch.Tensor, budget: int):
     """(None, high code slice, logp (block, highs, 2^K2)) over tiles of every code of a token block."""
-    per_tile = max(1, _TILE_ELEMENTS // (log_a.shape[0] * log_l.shape[1]))
+    per_tile = max(1, budget // (log_a.shape[0] * log_l.shape[1]))
     for h0 in range(0, log_a.shape[1], per_tile):
         high = slice(h0, h0 + per_tile)
         yield None, high, log_a[:, high, None] + log_l[:, None, :]
 
 
-def _pair_tiles(log_a: torch.Tensor, log_l: torch.Tensor, pairs: torch.Tensor):
+def _pair_tiles(log_a: torch.Tensor, log_l: torch.Tensor, pairs: torch.Tensor, budget: int):
     """(t, h, logp (pairs, 2^K2)) over tiles of the (token, high) pairs (P, 2), in their order."""
-    per_tile = max(1, _TILE_ELEMENTS // log_l.shape[1])
+    per_tile = max(1, budget // log_l.shape[1])
     for c0 in range(0, pairs.shape[0], per_tile):
         t, h = pairs[c0:c0 + per_tile].unbind(1)
         yield t, h, log_a[t, h, None] + log_l.index_select(0, t)
@@ -122,18 +122,20 @@ def _clamped_blocks(w: torch.Tensor, log_eps: float):
     has log p = log A + log L < log eps as computed here). Where at most half the pairs pass, kept (block, 2^K1) bool
     marks them and tiles (`_pair_tiles`) covers only them, sorted by token (torch.nonzero's order); otherwise kept is
     None and tiles (`_dense_tiles`) covers every code (gathering would cost more than it saves). Peaked distributions
-    keep a few pairs per token; flat ones stream every code, as the exact avg does."""
+    keep a few pairs per token; flat ones stream every code, as the exact avg does. Tiles and per-block tables hold
+    at most a quarter of _TILE_ELEMENTS each (about four tile-sized temporaries are alive at once in the backward)."""
     n, k = w.shape
     k1, k2 = _split(k)
-    block = _block(n, 4 << max(k1, k2))  # the per-block tables stay a quarter tile each
+    budget = max(1, _TILE_ELEMENTS // 4)
+    block = max(1, min(n, budget >> max(k1, k2)))
     for r0 in range(0, n, block):
         rows = slice(r0, r0 + block)
         log_a, log_l = factor(w[rows, :k1], log=True), factor(w[rows, k1:], log=True)
         kept = (log_a + log_l.amax(1, keepdim=True)) >= log_eps
         if 2 * int(kept.sum()) > kept.numel():
-            yield rows, log_a, None, _dense_tiles(log_a, log_l)
+            yield rows, log_a, None, _dense_tiles(log_a, log_l, budget)
         else:
-            yield rows, log_a, kept, _pair_tiles(log_a, log_l, kept.nonzero())
+            yield rows, log_a, kept, _pair_tiles(log_a, log_l, kept.nonzero(), budget)
 
 
 def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
@@ -227,7 +229,7 @@ def lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_sc
                     # segmented reduce; no atomics), and tok is unique, so += is a plain gather / add / scatter
                     # (not index_add_, which uses float atomics on CUDA)
                     tok, counts = torch.unique_consecutive(t, return_counts=True)
-                    by_low[tok] += torch.segment_reduce(gt, "sum", lengths=counts, axis=0)
+                    by_low[tok] += torch.segment_reduce(gt, "sum", lengths=counts, axis=0, unsafe=True)
                 hi, lo, wr = by_high @ bh, by_low @ bl, wg[rows]
                 pos, neg = torch.sigmoid(wr), torch.sigmoid(-wr)
                 dw[rows, g, :k1] += hi[:, :k1] * neg[:, :k1] - hi[:, k1:] * pos[:, :k1]

@@ -38,8 +38,9 @@ def _blocks(n: int, k: int):
 
 def _search_block(zr: torch.Tensor, cbf: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     d = torch.addmm(norms, _f(zr, cbf.dtype), cbf.t(), alpha=-2.0)
-    best, idx = d.min(1)  # min picks a NaN when the row has one, so checking the picked value suffices
-    return idx.masked_fill_(best.isnan(), -1)
+    idx = d.argmin(1, keepdim=True)  # argmin picks a NaN when the row has one, so checking the picked value suffices
+    # (argmin, not min(dim): on a busy 2-core machine min's parallel reduction stalls for milliseconds on tiny rows)
+    return idx.masked_fill_(d.gather(1, idx).isnan(), -1).view(-1)
 
 
 def _search(zr: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
