@@ -7,7 +7,6 @@ has one in float32/float64, else regenerates eps from the seed.
 """
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -53,12 +52,9 @@ def _twice_kl(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
     return torch.exp(logvar).addcmul_(diff, diff).mul_(inv_pvar).add_(prior_logvar).sub_(logvar).sub_(1.0)
 
 
-_SQRT_E = math.exp(0.5)
-
-
 def _sigma(logvar: torch.Tensor) -> torch.Tensor:
-    """exp(0.5 * logvar) as sqrt(e) ** logvar: one elementwise op instead of a scaling and an exp."""
-    return torch.pow(_SQRT_E, logvar)
+    """exp(0.5 * logvar), the standard deviation (torch.pow(sqrt(e), logvar) is one op but 4x slower per element)."""
+    return torch.mul(logvar, 0.5).exp_()
 
 
 def _f(t, dtype):
