@@ -10,12 +10,11 @@ shapes.OVERHEAD (4x4 latents, 64x128, 64x4x64x64; VQ: N=4 K=8 D=8, N=256 D=64 K=
 - host µs per call at the first size (--sizes; the smallest by default): wall time per call on the CPU; on a GPU
   the time Python spends issuing one call (no synchronisation inside the timed calls), plus the kernels one call
   launches (torch.profiler).
---save writes bench/results/<device>-<date>-overhead.{json,md}.
+--save writes bench/results/<device>-<date>-overhead.{json,md} (named as bench/run.py names its runs).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(1, os.path.dirname(BENCH))
 import torch  # noqa: E402
 
 import _measure  # noqa: E402
-from run import EAGER_FORMULAS, make_step, vk_formulas  # noqa: E402
+from run import EAGER_FORMULAS, device_tag, make_step, vk_formulas  # noqa: E402
 from shapes import OVERHEAD, Codes  # noqa: E402
 
 OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize")
@@ -178,8 +177,8 @@ def main(argv=None) -> None:
     print("\n" + table)
     paths = {"json": args.json, "markdown": args.markdown}
     if args.save:
-        device = (torch.cuda.get_device_name().replace(" ", "_") if name == "cuda" else f"cpu-{os.cpu_count()}core")
-        stem = os.path.join(BENCH, "results", f"{device}-{datetime.date.today():%Y%m%d}-overhead")
+        stem = os.path.join(BENCH, "results", f"{device_tag(data['meta'])}-{data['meta']['date'][:10].replace('-', '')}"
+                            "-overhead")
         paths = {"json": stem + ".json", "markdown": stem + ".md"}
     if paths["json"]:
         with open(paths["json"], "w") as f:
