@@ -48,21 +48,25 @@ def channel_dim(dim, ndim: int, name: str = "dim") -> int:
 
 
 def free_bits(value, reduction: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"free_bits must be a float, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"free_bits must be >= 0, got {value}")
+    value = number("free_bits", value, minimum=0)
     if value > 0 and reduction != "batchmean":
         raise ValueError(f"free_bits > 0 needs reduction='batchmean', got reduction={reduction!r}")
     return float(value)
 
 
-def non_negative(name: str, value) -> float:
+def number(name: str, value, *, minimum: float | None = None, positive: bool = False) -> float:
+    """`value` must be a real number (not a bool), at least `minimum` or > 0 when asked; returned as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
     return float(value)
+
+
+def non_negative(name: str, value) -> float:
+    return number(name, value, minimum=0)
 
 
 def codebook(cb, z: torch.Tensor, dim: int) -> torch.Tensor:

@@ -175,10 +175,6 @@ def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_m
 # ---------------------------------------------------------------- vector quantization
 
 
-def _index_shape(z: torch.Tensor, dim: int) -> tuple:
-    return tuple(z.movedim(dim, -1).shape[:-1])
-
-
 def _search(z, codebook, dim, precision, epilogue, sums_wanted):
     """The search (and with `epilogue` the VQ epilogue): (indices (N,), quantized, sq_err, counts, sums)."""
     zs, lz = _layout(z, dim)
@@ -220,14 +216,14 @@ def _segment_sum(zs, lz, cb, idx, out, coef, scale):
 def nearest_code(z, codebook, dim, precision):
     if _has_float64(z, codebook):
         return reference.nearest_code(z, codebook, dim, precision)
-    return _search(z, codebook, dim, precision, False, False)[0].view(_index_shape(z, dim))
+    return _search(z, codebook, dim, precision, False, False)[0].view(reference.vq.index_shape(z, dim))
 
 
 def vq_forward(z, codebook, dim, precision, with_sums):
     if _has_float64(z, codebook):
         return reference.vq_forward(z, codebook, dim, precision, with_sums)
     idx, q, sq_err, counts, sums = _search(z, codebook, dim, precision, True, with_sums)
-    return q, idx.view(_index_shape(z, dim)), sq_err, counts, sums
+    return q, idx.view(reference.vq.index_shape(z, dim)), sq_err, counts, sums
 
 
 def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):

@@ -114,26 +114,18 @@ def codebook_entropy(avg: Tensor, clamped: bool, eps: float) -> Tensor:
     return -(avg * logs).sum(-1).mean()
 
 
-def _number(name: str, value, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
-
-
 def _check(x, dim, inv_temperature, diversity_gamma, codebook_scale, spherical, num_codebooks, entropy, eps):
     _checks.latent(x, "x")
     _checks.non_empty("x", x)
     dim = _checks.channel_dim(dim, x.dim())
-    inv_temperature = _number("inv_temperature", inv_temperature, positive=True)
-    diversity_gamma = _number("diversity_gamma", diversity_gamma)
-    codebook_scale = _number("codebook_scale", codebook_scale, positive=True)
+    inv_temperature = _checks.number("inv_temperature", inv_temperature, positive=True)
+    diversity_gamma = _checks.number("diversity_gamma", diversity_gamma)
+    codebook_scale = _checks.number("codebook_scale", codebook_scale, positive=True)
     if not isinstance(spherical, bool):
         raise TypeError(f"spherical must be a bool, got {type(spherical).__name__}")
     num_codebooks = _checks.integer("num_codebooks", num_codebooks, minimum=1)
     _checks.choice("entropy", entropy, ENTROPIES)
-    eps = _number("eps", eps, positive=True)
+    eps = _checks.number("eps", eps, positive=True)
     c = x.shape[dim]
     if c % num_codebooks:
         raise ValueError(f"x has {c} channels along dim={dim}, not a multiple of num_codebooks={num_codebooks}")

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from ..reference.gaussian import acc_dtype
+from ..reference.vq import index_shape
 from ._library import Op, distinct, needs_grad
 
 
@@ -27,10 +28,6 @@ class VQResult(NamedTuple):
     perplexity: Tensor
 
 
-def _index_shape(z: Tensor, dim: int) -> tuple:
-    return tuple(z.movedim(dim, -1).shape[:-1])
-
-
 def _search_size(z: Tensor, codebook: Tensor, dim: int) -> tuple[int, int, int]:
     """(N rows, K codes, D): the problem size the backend choice of "auto" is keyed on."""
     return z.numel() // z.shape[dim], codebook.shape[0], z.shape[dim]
@@ -42,13 +39,13 @@ def _loss_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
 
 def _nearest_code(z: Tensor, codebook: Tensor, dim: int, precision: str) -> Tensor:
     if z.numel() == 0:
-        return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
+        return z.new_empty(index_shape(z, dim), dtype=torch.int64)
     impl = _backend.implementation("nearest_code", z.device, _search_size(z, codebook, dim))
     return impl.nearest_code(z, codebook, dim, precision)
 
 
 def _nearest_code_fake(z, codebook, dim, precision):
-    return z.new_empty(_index_shape(z, dim), dtype=torch.int64)
+    return z.new_empty(index_shape(z, dim), dtype=torch.int64)
 
 
 def _vq_fwd(
@@ -58,7 +55,7 @@ def _vq_fwd(
     if z.numel() == 0:
         nan = torch.full((), float("nan"), dtype=_loss_dtype(z, codebook), device=z.device)
         sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc)
-        return (torch.empty_like(z), z.new_empty(_index_shape(z, dim), dtype=torch.int64), nan,
+        return (torch.empty_like(z), z.new_empty(index_shape(z, dim), dtype=torch.int64), nan,
                 z.new_zeros(codebook.shape[0], dtype=torch.int64), sums)
     impl = _backend.implementation("vq_fwd", z.device, _search_size(z, codebook, dim))
     quantized, indices, sq_err, counts, sums = impl.vq_forward(z, codebook, dim, precision, with_sums)
@@ -71,7 +68,7 @@ def _vq_fwd_fake(z, codebook, dim, precision, with_sums):
     acc = acc_dtype(_loss_dtype(z, codebook))
     return (
         torch.empty_like(z, memory_format=torch.contiguous_format),
-        z.new_empty(_index_shape(z, dim), dtype=torch.int64),
+        z.new_empty(index_shape(z, dim), dtype=torch.int64),
         z.new_empty((), dtype=_loss_dtype(z, codebook)),
         z.new_empty(codebook.shape[0], dtype=torch.int64),
         z.new_empty(codebook.shape if with_sums else (0,), dtype=acc),

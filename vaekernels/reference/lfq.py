@@ -138,15 +138,26 @@ def _clamped_blocks(w: torch.Tensor, log_eps: float):
             yield rows, log_a, kept, _pair_tiles(log_a, log_l, kept.nonzero(), budget)
 
 
-def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
+def _setup(x, dim, codebook_scale, spherical, num_codebooks):
+    """What forward and backward both start from: (N, groups, K) tokens, x~ and its clamped norm (or None), sigma."""
     xg = tokens(x, dim, num_codebooks)
+    sigma = code_value(xg.shape[-1], codebook_scale, spherical)
+    xn, r = normalized(xg, codebook_scale, spherical)
+    return xg, xn, r, sigma
+
+
+def _codes(positive: torch.Tensor, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized values: exactly +-sigma in `dtype`."""
+    return positive.to(dtype) * (2.0 * sigma) - sigma
+
+
+def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
+    xg, xn, _, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
     n, groups, k = xg.shape
     k1, k2 = _split(k)
     acc = xg.dtype
-    sigma = code_value(k, codebook_scale, spherical)
-    xn, _ = normalized(xg, codebook_scale, spherical)
     positive = xn > 0
-    q = positive.to(acc) * (2.0 * sigma) - sigma  # exactly +-sigma in acc
+    q = _codes(positive, sigma, acc)
     indices = (positive.long() << torch.arange(k - 1, -1, -1, device=x.device)).sum(-1)
     commit = (xn - q).square().sum() / xn.numel()
     w = xn * (4.0 * inv_temperature * sigma)
@@ -174,15 +185,13 @@ def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebook
 
 def lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks,
                  clamped, eps):
-    xg = tokens(x, dim, num_codebooks)
+    xg, xn, r, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
     n, groups, k = xg.shape
     k1, k2 = _split(k)
     acc = xg.dtype
-    sigma = code_value(k, codebook_scale, spherical)
-    xn, r = normalized(xg, codebook_scale, spherical)
     dxn = torch.zeros_like(xn) if dq is None else tokens(dq, dim, num_codebooks).clone()
     if d_commit is not None:
-        q = (xn > 0).to(acc) * (2.0 * sigma) - sigma
+        q = _codes(xn > 0, sigma, acc)
         dxn += (xn - q) * (2.0 * d_commit.to(acc) / xn.numel())
     scale_w = 4.0 * inv_temperature * sigma
     w = xn * scale_w

@@ -66,12 +66,13 @@ def scatter_rows(idx: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tenso
     return out.index_put_((idx,), values, accumulate=True)
 
 
-def _index_shape(z: torch.Tensor, dim: int) -> tuple:
-    return z.shape[:dim] + z.shape[dim + 1:]
+def index_shape(z: torch.Tensor, dim: int) -> tuple:
+    """The shape of z's indices: z's shape without axis `dim` (non-negative, as the ops pass it)."""
+    return tuple(z.shape[:dim] + z.shape[dim + 1:])
 
 
 def nearest_code(z, codebook, dim, precision):
-    return _search(rows(z, dim), codebook).view(_index_shape(z, dim))
+    return _search(rows(z, dim), codebook).view(index_shape(z, dim))
 
 
 def vq_forward(z, codebook, dim, precision, with_sums):
@@ -86,7 +87,7 @@ def vq_forward(z, codebook, dim, precision, with_sums):
     counts = torch.bincount(slot, minlength=k + 1)[:k]
     sums = scatter_rows(slot, zf, k + 1)[:k] if with_sums else None
     quantized = unrows(_f(e, z.dtype), z, dim)
-    return quantized, idx.view(_index_shape(z, dim)), sq_err, counts, sums
+    return quantized, idx.view(index_shape(z, dim)), sq_err, counts, sums
 
 
 def rotation_grad(dq: torch.Tensor, z: torch.Tensor, e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -294,7 +294,7 @@ def nearest_code(z, codebook, dim, precision):
         return reference.nearest_code(z, codebook, dim, precision)
     zc, n, d, m, dm = row_layout(z, dim)
     idx, *_ = _search(zc, n, d, m, dm, codebook, precision, epilogue=False, with_sums=False)
-    return idx.view(z.movedim(dim, -1).shape[:-1])
+    return idx.view(reference.index_shape(z, dim))
 
 
 def vq_forward(z, codebook, dim, precision, with_sums):
@@ -307,7 +307,7 @@ def vq_forward(z, codebook, dim, precision, with_sums):
     if with_sums and deterministic:
         sums = _segment_sums(zc, d, m, dm, codebook, idx)
     sq_err = reduce_rows(sq.view(-1, 1), 1.0).view(())
-    return q, idx.view(z.movedim(dim, -1).shape[:-1]), sq_err, counts, sums
+    return q, idx.view(reference.index_shape(z, dim)), sq_err, counts, sums
 
 
 def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
