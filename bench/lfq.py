@@ -6,7 +6,8 @@
 Each case runs in its own forked child on the CPU (clean peak RSS, see bench/_measure.py); on a GPU, peak from
 torch.cuda.max_memory_allocated and the time also as a fraction of the tensor-core bound for N * 2^K * K
 multiply-adds (dense float32 TF32 peak). vaekernels runs both entropies: "exact" (its default) and "clamped"
-(vector-quantize-pytorch's formula, what vk.patch uses). vector-quantize-pytorch runs the same step
+(vector-quantize-pytorch's formula, what vk.patch uses); on a GPU both with the default backend (Triton) and with
+the PyTorch backend ("vaekernels torch ..."). vector-quantize-pytorch runs the same step
 (training mode, entropy loss and commitment loss, backward to the input); where its tokens x codes matrices
 would not fit the memory budget it runs at a smaller token count, said so in the output.
 """
@@ -28,14 +29,15 @@ def _input(n, k, device):
     return (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.1).to(device).requires_grad_()
 
 
-def _vk_step(n, k, device, entropy):
+def _vk_step(n, k, device, entropy, backend):
     import vaekernels as vk
 
     x = _input(n, k, device)
 
     def step():
-        r = vk.lookup_free_quantize(x, inv_temperature=100.0, entropy=entropy)
-        (r.quantized.sum() + r.entropy_loss + r.commitment_loss).backward()
+        with vk.use_backend(backend):
+            r = vk.lookup_free_quantize(x, inv_temperature=100.0, entropy=entropy)
+            (r.quantized.sum() + r.entropy_loss + r.commitment_loss).backward()
         x.grad = None
     return step
 
@@ -56,7 +58,11 @@ def _vqp_step(n, k, device):
 def _case(name, n, k, device_name, budget_s):
     device = torch.device(device_name)
     torch.set_num_threads(os.cpu_count() or 1)
-    step = _vqp_step(n, k, device) if name == "vector-quantize-pytorch" else _vk_step(n, k, device, name.split()[-1])
+    if name == "vector-quantize-pytorch":
+        step = _vqp_step(n, k, device)
+    else:  # "vaekernels <entropy>" (the default backend) or "vaekernels <backend> <entropy>"
+        words = name.split()
+        step = _vk_step(n, k, device, words[-1], words[1] if len(words) == 3 else "auto")
     result = _measure.measure(step, device, budget_s, 1, 5)
     return {"status": "ok", **result}
 
@@ -86,7 +92,10 @@ def main():
     vqp_n = n
     while dense_bytes * vqp_n // n > budget and vqp_n > 256:
         vqp_n //= 2
-    cases = [("vaekernels exact", n), ("vaekernels clamped", n), ("vector-quantize-pytorch", vqp_n)]
+    cases = [("vaekernels exact", n), ("vaekernels clamped", n)]
+    if device.type == "cuda":  # the Triton kernels against the PyTorch backend's GEMMs of per-bit factor tables
+        cases += [("vaekernels torch exact", n), ("vaekernels torch clamped", n)]
+    cases.append(("vector-quantize-pytorch", vqp_n))
     print(f"LFQ entropy loss forward+backward, 2^{k} codes, device {_measure.device_name(device) if hasattr(_measure, 'device_name') else device}")
     if vqp_n != n:
         print(f"vector-quantize-pytorch at {vqp_n} tokens (its tokens x codes tensors would pass the memory budget "

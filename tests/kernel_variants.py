@@ -4,7 +4,7 @@ Each op x dtype x precision x flag: the Gaussian forward and backward of every K
 sampling and priors, in one and many programs, on aligned and misaligned data, the seed on the host and on the
 device; the search with and without the VQ epilogue and its EMA sums, every precision (16-bit rows on the
 tensor-core paths too), D in one tile and looped, rows channel-first and channel-last; the VQ backward with each
-estimator and optional gradient; the deterministic paths; the int64-offset variants. Two users:
+estimator and optional gradient; the deterministic paths; the int64-offset variants; LFQ's code passes. Two users:
 - tests/test_triton_compile.py records the Triton launches the workload makes under the interpreter and compiles
   each for real GPUs;
 - bench/gpu_smoke.py runs it on each fused backend against the reference (bench/gpu_check.sh first-contact on a
@@ -29,6 +29,7 @@ def run(call, device: torch.device) -> None:
     """The whole workload on `device`."""
     gaussian(call, device)
     vq(call, device)
+    lfq(call, device)
     with _int64_offsets():
         _wide(call, device)
     with _device_seeds(device):
@@ -97,6 +98,23 @@ def vq(call, device: torch.device) -> None:
         z, cb = _near_codes((70, d), 1, k, torch.float32, device)
         q, idx, *_ = call("vq_forward", z, cb, 1, "exact", True)
         call("vq_backward", q, z, cb, idx, one, one, 1, "rotation")
+
+
+def lfq(call, device: torch.device) -> None:
+    """Both entropies forward, the backward with each code-pass gradient (batch distribution, clamped per-sample
+    entropy, both); K = 1 (no high bits), small (masked code tiles) and odd with groups, channel-first and
+    spherical; tokens in one and several average splits; float16 and bfloat16 inputs."""
+    one = torch.ones((), device=device)
+    for dtype in DTYPES:
+        for shape, dim, groups, spherical in [((70, 1), -1, 1, False), ((3, 10, 5, 6), 1, 2, True)][
+                : 2 if dtype == torch.float32 else 1]:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+            for clamped in (False, True):
+                args = (x, dim, 2.0, 1.0, spherical, groups, clamped, 1e-5)
+                q, _, avg, *_ = call("lfq_forward", *args)
+                for d_avg, d_ps in [(torch.ones_like(avg), one), (torch.ones_like(avg), None), (None, one)][
+                        : 3 if clamped and dtype == torch.float32 else 1]:
+                    call("lfq_backward", torch.ones_like(q), d_avg, d_ps, one, *args)
 
 
 def _sampling(call, device: torch.device) -> None:

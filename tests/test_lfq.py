@@ -7,8 +7,13 @@ import pytest
 import torch
 
 import vaekernels as vk
+from vaekernels import _backend
 from vaekernels.ops import lfq as lops
 from vaekernels.reference import lfq as ref
+
+from .conftest import DEVICE, FUSED_BACKENDS, gpu
+
+LFQ_BACKENDS = [b for b in FUSED_BACKENDS if "lfq_fwd" in _backend._module(b).OPS]
 
 
 def dense(x, dim=-1, inv_temperature=100., diversity_gamma=1., codebook_scale=1., spherical=False, num_codebooks=1,
@@ -108,17 +113,106 @@ def test_deterministic():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_explicit_fused_backend_runs_the_reference_lfq():
-    """No fused backend implements the LFQ ops yet: an explicit choice leaves them to "auto" (the reference)."""
-    from vaekernels import _backend
-
-    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+def test_explicit_backend_without_lfq_leaves_it_to_auto():
+    """A backend that does not implement the LFQ ops (the CUDA extension) leaves them to "auto"; one that does
+    (Triton) runs them."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), device=DEVICE)
     want = vk.lookup_free_quantize(x)
+    assert "lfq_fwd" not in _backend._module("cuda").OPS and "lfq_fwd" in _backend._module("torch").OPS
     for backend in _backend.available_backends():
-        assert "lfq_fwd" not in _backend._module(backend).OPS or backend == "torch"
         with vk.use_backend(backend):
-            assert _backend.resolve_name("lfq_fwd", x.device, (6, 4)) == "torch"
-            torch.testing.assert_close(tuple(vk.lookup_free_quantize(x)), tuple(want))
+            has = "lfq_fwd" in _backend._module(backend).OPS
+            want_name = backend if has else _backend._auto("lfq_fwd", x.device, (6, 4))
+            assert _backend.resolve_name("lfq_fwd", x.device, (6, 4)) == want_name
+            torch.testing.assert_close(tuple(vk.lookup_free_quantize(x)), tuple(want), rtol=1e-5, atol=1e-6)
+
+
+# fused-kernel cases: K = 1 (no high bits), small K (code tiles masked), odd K, K = 14 (several code tiles per
+# side in both passes); one token, tails of the token tiles, several token splits in the average; groups,
+# channel-first, spherical, both entropies
+FUSED_CASES = [
+    ((1, 3), dict()),
+    ((70, 1), dict(inv_temperature=1.0, entropy="clamped")),
+    ((200, 5), dict(inv_temperature=2.0)),
+    ((3, 8, 2, 5), dict(dim=1, num_codebooks=2, spherical=True, entropy="clamped", inv_temperature=4.0)),
+    ((37, 9), dict(inv_temperature=0.5, entropy="clamped", eps=1e-3)),
+    ((10, 14), dict(inv_temperature=0.2)),  # slow under the interpreter: the mixed combination only
+]
+COMBOS = [(0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0.3, 0.7, -1.1, 0.5, 2)]
+
+
+@pytest.mark.parametrize("backend", LFQ_BACKENDS)
+@pytest.mark.parametrize("shape, kw", FUSED_CASES)
+def test_fused_backend_matches_dense_formula(backend, shape, kw):
+    """Every loss and the input gradient of each combination of them, float32 on the fused kernels, against the
+    dense formula in float64; equal indices and quantized values."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))).to(DEVICE).requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = dense(xd, **kw)
+    with vk.use_backend(backend):
+        got = vk.lookup_free_quantize(x, **kw)
+        size = lops._size(x, kw.get("dim", -1), kw.get("num_codebooks", 1))
+        assert _backend.resolve_name("lfq_fwd", x.device, size) == backend
+        assert torch.equal(got.indices, want.indices)
+        torch.testing.assert_close(got.quantized, want.quantized.float(), rtol=0, atol=0)
+        for name in ("entropy_loss", "per_sample_entropy", "codebook_entropy", "commitment_loss"):
+            torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=1e-5, atol=1e-6,
+                                       msg=name)
+        for c in COMBOS if shape[-1] < 14 else COMBOS[-1:]:
+            g1, = torch.autograd.grad(_combo(vk.lookup_free_quantize(x, **kw), w, c), x)
+            g2, = torch.autograd.grad(_combo(dense(xd, **kw), w.double(), c), xd)
+            torch.testing.assert_close(g1.double(), g2, rtol=1e-5, atol=1e-6 * max(1.0, float(g2.abs().max())),
+                                       msg=str(c))
+
+
+@pytest.mark.parametrize("backend", LFQ_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_backend_half_inputs(backend, dtype):
+    """16-bit x: the kernels accumulate in float32 like the reference; same indices, losses and gradient."""
+    x = torch.randn(40, 2, 6, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype).requires_grad_()
+    kw = dict(dim=1, inv_temperature=3.0, entropy="clamped")
+    out = []
+    for name in ("torch", backend):
+        with vk.use_backend(name):
+            r = vk.lookup_free_quantize(x, **kw)
+            out.append((r.indices, r.quantized, r.entropy_loss, torch.autograd.grad(r.entropy_loss, x)[0]))
+    (ia, qa, la, ga), (ib, qb, lb, gb) = out
+    assert torch.equal(ia, ib) and torch.equal(qa, qb) and lb.dtype == torch.float32 and gb.dtype == dtype
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", LFQ_BACKENDS)
+def test_fused_backend_is_deterministic(backend):
+    """Bitwise equal losses and gradients across runs (no float atomics; the average's token splits reduced in a
+    fixed order)."""
+    x = torch.randn(130, 7, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+    runs = []
+    with vk.use_backend(backend):
+        for _ in range(2):
+            r = vk.lookup_free_quantize(x, inv_temperature=2.0, entropy="clamped")
+            runs.append((r.entropy_loss, torch.autograd.grad(r.entropy_loss + r.commitment_loss, x)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@gpu
+@pytest.mark.parametrize("backend", LFQ_BACKENDS)
+def test_fused_memory_at_2_18_codes(backend):
+    """Issue 14's GPU target: 2^18 codes x 16384 tokens forward + backward, both entropies, under 1 GiB of peak
+    CUDA memory (one dense float32 probability matrix would be 17 GB). CPU twin: test_memory_bound_in_a_fresh_process."""
+    x = torch.randn(16384, 18, device=DEVICE).requires_grad_()
+    with vk.use_backend(backend):
+        for entropy in ("exact", "clamped"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            r = vk.lookup_free_quantize(x, entropy=entropy)
+            (r.entropy_loss + r.commitment_loss).backward()
+            torch.cuda.synchronize()
+            assert torch.cuda.max_memory_allocated() - base < 2**30
+            assert torch.isfinite(x.grad).all()
+            x.grad = None
 
 
 @pytest.mark.parametrize("clamped", [False, True])

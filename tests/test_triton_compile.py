@@ -98,10 +98,10 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
     kernel_variants.run(lambda name, *args: getattr(vkt, name)(*args), torch.device("cpu"))
     monkeypatch.undo()
 
-    from vaekernels.triton import _common, gaussian, vq
+    from vaekernels.triton import _common, gaussian, lfq, vq
 
     launched = {launch["kernel"] for launch in launches}
-    every_kernel = _jit_kernels(_common) | _jit_kernels(gaussian) | _jit_kernels(vq)
+    every_kernel = _jit_kernels(_common) | _jit_kernels(gaussian) | _jit_kernels(vq) | _jit_kernels(lfq)
     assert every_kernel - launched == set(), "the workload misses kernels: add them to it"
     (tmp_path / "launches.json").write_text(json.dumps(_plan(launches)))
     # compiled kernels, every autotuning config (conftest turns autotuning off); Triton's own cache: reruns are fast

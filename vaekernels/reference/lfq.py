@@ -21,6 +21,7 @@ entropy's tiles, per-block tables and kept-pair lists hold at most a quarter of 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -151,73 +152,62 @@ def _codes(positive: torch.Tensor, sigma: float, dtype: torch.dtype) -> torch.Te
     return positive.to(dtype) * (2.0 * sigma) - sigma
 
 
-def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
-    xg, xn, _, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
-    n, groups, k = xg.shape
+def _average(w: torch.Tensor) -> torch.Tensor:
+    """(groups, 2^K) mean over tokens of p(c | x): avg[high, low] = sum_n A[n, high] L[n, low] / N, one GEMM of
+    per-bit factor tables per token block."""
+    n, groups, k = w.shape
     k1, k2 = _split(k)
-    acc = xg.dtype
-    positive = xn > 0
-    q = _codes(positive, sigma, acc)
-    indices = (positive.long() << torch.arange(k - 1, -1, -1, device=x.device)).sum(-1)
-    commit = (xn - q).square().sum() / xn.numel()
-    w = xn * (4.0 * inv_temperature * sigma)
-    avg = torch.zeros(groups, 1 << k1, 1 << k2, dtype=acc, device=x.device)
-    ps_sum = torch.zeros((), dtype=acc, device=x.device)
-    if not clamped:
-        ps_sum = _binary_entropy(w).sum()
+    avg = w.new_zeros(groups, 1 << k1, 1 << k2)
     block = _block(n, (1 << k1) + (1 << k2))
     for g in range(groups):
         wg = w[:, g]
-        for r0 in range(0, n, block):  # avg[high, low] = sum_n A[n, high] L[n, low]: one GEMM per token block
+        for r0 in range(0, n, block):
             rows = slice(r0, r0 + block)
             avg[g].addmm_(factor(wg[rows, :k1]).t(), factor(wg[rows, k1:]))
-        if clamped:  # -sum_c p log max(p, eps): the tiles' codes as written, those of unkept pairs through their mass
-            log_eps = math.log(eps)
-            for _, log_a, kept, tiles in _clamped_blocks(wg, log_eps):
-                if kept is not None:  # an unkept (token, high) pair's codes all have p < eps and total mass A[n, high]
-                    ps_sum -= log_eps * log_a.exp().masked_fill_(kept, 0).sum()  # (sum_low L = 1); nothing cancels
-                for _, _, logp in tiles:
-                    ps_sum -= logp.exp().mul_(logp.clamp_(min=log_eps)).sum()
-    avg /= n
-    return (untokens(q, x, dim), indices.reshape(x.movedim(dim, -1).shape[:-1] + (groups,)), avg.flatten(1),
-            ps_sum / (n * groups), commit)
+    return avg.div_(n).flatten(1)
 
 
-def lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks,
-                 clamped, eps):
-    xg, xn, r, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
-    n, groups, k = xg.shape
+def _clamped_entropy(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """0-d sum over tokens and groups of -sum_c p log max(p, eps): the tiles' codes as written, those of unkept
+    pairs through their mass."""
+    log_eps = math.log(eps)
+    total = w.new_zeros(())
+    for g in range(w.shape[1]):
+        for _, log_a, kept, tiles in _clamped_blocks(w[:, g], log_eps):
+            if kept is not None:  # an unkept (token, high) pair's codes all have p < eps and total mass A[n, high]
+                total -= log_eps * log_a.exp().masked_fill_(kept, 0).sum()  # (sum_low L = 1); nothing cancels
+            for _, _, logp in tiles:
+                total -= logp.exp().mul_(logp.clamp_(min=log_eps)).sum()
+    return total
+
+
+def _gradient(w: torch.Tensor, weight: torch.Tensor | None, ps_weight: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    """(N, groups, K) d/dw of sum_c G_c p_c per token: sum_c p_c G_c (bits(c) - sigmoid(w)), with
+    G_c = weight[g, c] (or 0 for None) + ps_weight * (-max(log p, log eps) - [p >= eps]) (or 0 for None)."""
+    n, groups, k = w.shape
     k1, k2 = _split(k)
-    acc = xg.dtype
-    dxn = torch.zeros_like(xn) if dq is None else tokens(dq, dim, num_codebooks).clone()
-    if d_commit is not None:
-        q = _codes(xn > 0, sigma, acc)
-        dxn += (xn - q) * (2.0 * d_commit.to(acc) / xn.numel())
-    scale_w = 4.0 * inv_temperature * sigma
-    w = xn * scale_w
     dw = torch.zeros_like(w)
-    ps_weight = None if d_ps is None else d_ps.to(acc) / (n * groups)
-    if ps_weight is not None and not clamped:  # d h(sigmoid(w)) / dw = -w sigmoid(w) sigmoid(-w)
-        dw -= w * torch.sigmoid(w) * torch.sigmoid(-w) * ps_weight
     block = _block(n, (1 << k1) + (1 << k2))
     for g in range(groups):
         wg = w[:, g]
-        if d_avg is not None:  # avg = A^T L / N: dA = L G^T / N, dL = A G / N, G = d_avg as (2^K1, 2^K2)
-            gm = d_avg[g].to(acc).view(1 << k1, 1 << k2) / n
+        if weight is not None:  # sum_c G_c A[n, high] L[n, low]: dA = L G^T, dL = A G with G as (2^K1, 2^K2)
+            gm = weight[g].view(1 << k1, 1 << k2)
             for r0 in range(0, n, block):
                 rows = slice(r0, r0 + block)
                 wh, wl = wg[rows, :k1], wg[rows, k1:]
                 a, l_ = factor(wh), factor(wl)
                 dw[rows, g, :k1] += _bit_grad(l_ @ gm.t(), a, wh)
                 dw[rows, g, k1:] += _bit_grad(a @ gm, l_, wl)
-        if ps_weight is not None and clamped:
+        if ps_weight is not None:
             # d(-p log max(p, eps)) / dp = -max(log p, log eps) - [p >= eps] =: G_c; d/dw = sum_c p_c G_c (bits(c) -
             # sigmoid(w)), taken as S1 sigmoid(-w) - S0 sigmoid(w) with S1, S0 = sum_c p_c G_c [bit = 1], [bit = 0]
             # per token (no large uncentered total minus sigmoid(w) * another). The tiles' codes as written; an unkept
             # pair's codes all have G = -log eps: G A[n, high] for the high bits and nothing for the low ones (their
             # S1, S0 are G A[n, high] (sigmoid(w_low), sigmoid(-w_low)), which cancel exactly).
+            acc = w.dtype
             log_eps = math.log(eps)
-            bh, bl = bits(0, 1 << k1, k1, acc, x.device), bits(0, 1 << k2, k2, acc, x.device)
+            bh, bl = bits(0, 1 << k1, k1, acc, w.device), bits(0, 1 << k2, k2, acc, w.device)
             bh, bl = torch.cat([bh, 1 - bh], 1), torch.cat([bl, 1 - bl], 1)
             for rows, log_a, kept, tiles in _clamped_blocks(wg, log_eps):
                 if kept is None:  # the dense tiles fill it
@@ -243,9 +233,69 @@ def lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_sc
                 pos, neg = torch.sigmoid(wr), torch.sigmoid(-wr)
                 dw[rows, g, :k1] += hi[:, :k1] * neg[:, :k1] - hi[:, k1:] * pos[:, :k1]
                 dw[rows, g, k1:] += lo[:, :k2] * neg[:, k1:] - lo[:, k2:] * pos[:, k1:]
+    return dw
+
+
+class CodeStreams(NamedTuple):
+    """A backend's passes over the 2^K codes of every group (the rest of LFQ is O(N K) PyTorch that all backends
+    share through `forward` and `backward`). w: (N, groups, K) per-bit logits in the accumulation dtype.
+    average(w) -> (groups, 2^K) mean over tokens of p(c | x); clamped_entropy(w, eps) -> 0-d sum over tokens
+    and groups of -sum_c p log max(p, eps); gradient(w, weight, ps_weight, eps) -> (N, groups, K), `_gradient`'s."""
+    average: Callable
+    clamped_entropy: Callable
+    gradient: Callable
+
+
+STREAMS = CodeStreams(_average, _clamped_entropy, _gradient)
+
+
+def forward(streams: CodeStreams, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
+    """lfq_forward with the code passes of `streams`."""
+    xg, xn, _, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
+    n, groups, k = xg.shape
+    positive = xn > 0
+    q = _codes(positive, sigma, xg.dtype)
+    indices = (positive.long() << torch.arange(k - 1, -1, -1, device=x.device)).sum(-1)
+    commit = (xn - q).square().sum() / xn.numel()
+    w = xn * (4.0 * inv_temperature * sigma)
+    ps_sum = streams.clamped_entropy(w, eps) if clamped else _binary_entropy(w).sum()
+    return (untokens(q, x, dim), indices.reshape(x.movedim(dim, -1).shape[:-1] + (groups,)), streams.average(w),
+            ps_sum / (n * groups), commit)
+
+
+def backward(streams: CodeStreams, dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical,
+             num_codebooks, clamped, eps):
+    """lfq_backward with the code passes of `streams`."""
+    xg, xn, r, sigma = _setup(x, dim, codebook_scale, spherical, num_codebooks)
+    n, groups, k = xg.shape
+    acc = xg.dtype
+    dxn = torch.zeros_like(xn) if dq is None else tokens(dq, dim, num_codebooks).clone()
+    if d_commit is not None:
+        q = _codes(xn > 0, sigma, acc)
+        dxn += (xn - q) * (2.0 * d_commit.to(acc) / xn.numel())
+    scale_w = 4.0 * inv_temperature * sigma
+    w = xn * scale_w
+    ps_weight = None if d_ps is None else d_ps.to(acc) / (n * groups)
+    weight = None if d_avg is None else d_avg.to(acc) / n
+    if weight is not None or (ps_weight is not None and clamped):
+        dw = streams.gradient(w, weight, ps_weight if clamped else None, eps)
+    else:
+        dw = torch.zeros_like(w)
+    if ps_weight is not None and not clamped:  # d h(sigmoid(w)) / dw = -w sigmoid(w) sigmoid(-w)
+        dw -= w * torch.sigmoid(w) * torch.sigmoid(-w) * ps_weight
     dxn += dw * scale_w
     if spherical:  # x~ = s x / r: dx = s / r (dx~ - u <u, dx~>), u = x / r (no projection where r was clamped)
         u = xg / r
         radial = (u * dxn).sum(-1, keepdim=True) * (xg.norm(dim=-1, keepdim=True) > _NORM_EPS)
         dxn = (dxn - u * radial) * (codebook_scale / r)
     return untokens(dxn, x, dim)
+
+
+def lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps):
+    return forward(STREAMS, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps)
+
+
+def lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks,
+                 clamped, eps):
+    return backward(STREAMS, dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical,
+                    num_codebooks, clamped, eps)
