@@ -54,13 +54,13 @@ def _average_kernel(lo_ptr, hi_ptr, out_ptr, N, G, tokens_per_split, scale, K: t
     for n0 in range(start, stop, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         ok = ns < stop
-        row = (ns * G + g) * K
+        row = (ns.to(tl.int64) * G + g) * K  # int64: N * groups * K may pass 2^31
         a = tl.where(ok[:, None], tl.exp(_log_table(lo_ptr, hi_ptr, row, ok, hs, 0, K1)), 0.0)
         low = tl.exp(_log_table(lo_ptr, hi_ptr, row, ok, ls, K1, K2))
         acc = tl.dot(tl.trans(a), low, acc, input_precision=PRECISION)
     mask = (hs[:, None] < (1 << K1)) & (ls[None, :] < (1 << K2))
     codes = hs[:, None] * (1 << K2) + ls[None, :]
-    tl.store(out_ptr + (split * G + g) * (1 << K) + codes, acc * scale, mask=mask)
+    tl.store(out_ptr + (split * G + g).to(tl.int64) * (1 << K) + codes, acc * scale, mask=mask)
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _token_kernel(lo_ptr, hi_ptr, weight_ptr, ps_weight_ptr, out_ptr, s1_ptr, s0
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     ok = ns < N
-    row = (ns * G + g) * K
+    row = (ns.to(tl.int64) * G + g) * K  # int64: N * groups * K may pass 2^31
     entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     s1_high = tl.zeros((BLOCK_N, KP1), dtype=tl.float32)
     s0_high = tl.zeros((BLOCK_N, KP1), dtype=tl.float32)
