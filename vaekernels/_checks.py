@@ -23,13 +23,9 @@ def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_b} must have the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
-def same_device(named: dict) -> None:
-    """All tensors in {name: tensor} (None entries ignored) must share one device."""
-    items = [(n, t) for n, t in named.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+def same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; move them to one device")
 
 
 def choice(name: str, value, allowed: tuple) -> str:
@@ -80,7 +76,7 @@ def codebook(cb, z: torch.Tensor, dim: int) -> torch.Tensor:
         raise ValueError(
             f"codebook has code_dim {cb.shape[1]} but z has {z.shape[dim]} channels along dim={dim} (shape {tuple(z.shape)})"
         )
-    same_device({"z": z, "codebook": cb})
+    same_device("z", z, "codebook", cb)
     return cb
 
 

@@ -14,18 +14,12 @@ import inspect
 from typing import Callable
 
 import torch
+from torch.compiler import is_compiling
+from torch.jit import is_tracing
 from torch.overrides import has_torch_function
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 LIBRARY = torch.library.Library("vaekernels", "DEF")
-
-
-def eager(args) -> bool:
-    """True when calling the implementation directly is equivalent to dispatching the operator: not tracing
-    (torch.compile, jit), no dispatch mode active, and no argument with a __torch_function__ override (plain
-    tensors and nn.Parameters pass)."""
-    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch.jit.is_tracing()
-                or has_torch_function(args))
 
 
 class Op:
@@ -51,20 +45,32 @@ class Op:
         self.op = getattr(torch.ops.vaekernels, name).default
 
     def __call__(self, *args):
-        return self.impl(*args) if eager(args) else self.op(*args)
+        """The implementation called directly where that equals dispatching the operator: not tracing (torch.compile,
+        jit), no dispatch mode active, no argument with a __torch_function__ override (plain tensors and
+        nn.Parameters pass); the operator everywhere else."""
+        if is_compiling() or is_in_torch_dispatch_mode() or is_tracing() or has_torch_function(args):
+            return self.op(*args)
+        return self.impl(*args)
 
 
 def needs_grad(*tensors) -> bool:
     """True when autograd has to record the call (grad mode on and some input requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
-def distinct(*tensors):
+def distinct(*tensors) -> list:
     """`tensors` with repeats of one tensor replaced by views of it: torch.compile cannot trace an
     autograd.Function given the same tensor twice (as in gaussian_kl(z, z)), and a view changes nothing else."""
     out = []
     for t in tensors:
-        if t is not None and any(t is u for u in out):
-            t = t.view_as(t)
+        if t is not None:
+            for u in out:
+                if t is u:
+                    t = t.view_as(t)
+                    break
         out.append(t)
     return out

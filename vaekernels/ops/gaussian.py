@@ -86,7 +86,7 @@ class _Gaussian(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale):
         z, kl = gaussian_fwd(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale)
-        sample = z if seed is not None and mu.device.type == "cpu" else None
+        sample = z if seed is not None and mu.is_cpu else None
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed, sample)
         ctx.kl_mode, ctx.kl_scale = kl_mode, kl_scale
         ctx.set_materialize_grads(False)
@@ -120,7 +120,7 @@ def _pair(mu, logvar) -> tuple[Tensor, Tensor]:
     _checks.float_tensor("mu", mu)
     _checks.float_tensor("logvar", logvar)
     _checks.same_shape("mu", mu, "logvar", logvar)
-    _checks.same_device({"mu": mu, "logvar": logvar})
+    _checks.same_device("mu", mu, "logvar", logvar)
     if logvar.dtype != mu.dtype:
         raise TypeError(f"logvar must have mu's dtype {mu.dtype}, got {logvar.dtype}")
     return mu.contiguous(), logvar.contiguous()
@@ -131,7 +131,7 @@ def _prior(name: str, p, mu: Tensor):
     if p is None:
         return None
     _checks.float_tensor(name, p)
-    _checks.same_device({"mu": mu, name: p})
+    _checks.same_device("mu", mu, name, p)
     if p.dtype != mu.dtype:
         raise TypeError(f"{name} must have mu's dtype {mu.dtype}, got {p.dtype}")
     try:

@@ -51,17 +51,17 @@ def _nearest_code_fake(z, codebook, dim, precision):
 def _vq_fwd(
     z: Tensor, codebook: Tensor, dim: int, precision: str, with_sums: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    acc = acc_dtype(_loss_dtype(z, codebook))
+    loss_dtype = _loss_dtype(z, codebook)
     if z.numel() == 0:
-        nan = torch.full((), float("nan"), dtype=_loss_dtype(z, codebook), device=z.device)
-        sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc)
+        nan = torch.full((), float("nan"), dtype=loss_dtype, device=z.device)
+        sums = z.new_zeros(codebook.shape if with_sums else (0,), dtype=acc_dtype(loss_dtype))
         return (torch.empty_like(z), z.new_empty(index_shape(z, dim), dtype=torch.int64), nan,
                 z.new_zeros(codebook.shape[0], dtype=torch.int64), sums)
     impl = _backend.implementation("vq_fwd", z.device, _search_size(z, codebook, dim))
     quantized, indices, sq_err, counts, sums = impl.vq_forward(z, codebook, dim, precision, with_sums)
     loss = sq_err.div_(z.numel())
-    loss = loss if loss.dtype == _loss_dtype(z, codebook) else loss.to(_loss_dtype(z, codebook))
-    return quantized, indices, loss, counts, (z.new_empty(0, dtype=acc) if sums is None else sums)
+    loss = loss if loss.dtype == loss_dtype else loss.to(loss_dtype)
+    return quantized, indices, loss, counts, (z.new_empty(0, dtype=sq_err.dtype) if sums is None else sums)
 
 
 def _vq_fwd_fake(z, codebook, dim, precision, with_sums):
@@ -103,39 +103,41 @@ vq_bwd = Op("vq_bwd", _vq_bwd, _vq_bwd_fake)
 
 
 class _VQ(torch.autograd.Function):
-    """Autograd for vq_fwd: the loss output is both the codebook and the commitment loss (equal in value, different
-    gradients), so it is returned twice; saves z, the codebook and the indices."""
+    """Autograd for vq_fwd: returns the total loss (1 + beta) * mse and, separately, the codebook and the commitment
+    loss (equal in value, different gradients); saves z, the codebook and the indices."""
 
     @staticmethod
-    def forward(ctx, z, codebook, dim, precision, estimator, with_sums):
+    def forward(ctx, z, codebook, dim, precision, estimator, with_sums, beta):
         quantized, indices, loss, counts, sums = vq_fwd(z, codebook, dim, precision, with_sums)
         ctx.save_for_backward(z, codebook, indices)
-        ctx.dim, ctx.estimator = dim, estimator
+        ctx.dim, ctx.estimator, ctx.beta = dim, estimator, beta
         ctx.mark_non_differentiable(indices, counts, sums)
         ctx.set_materialize_grads(False)
-        return quantized, indices, loss, loss.clone(), counts, sums
+        return quantized, indices, loss * (1.0 + beta), loss, loss.clone(), counts, sums
 
     @staticmethod
-    def backward(ctx, dq, _indices, d_codebook_loss, d_commitment_loss, _counts, _sums):
+    def backward(ctx, dq, _indices, d_loss, d_codebook_loss, d_commitment_loss, _counts, _sums):
         z, codebook, indices = ctx.saved_tensors
-        d_codebook = d_codebook_loss if ctx.needs_input_grad[1] else None
+        d_codebook = _add(d_codebook_loss, d_loss) if ctx.needs_input_grad[1] else None
+        d_commit = _add(d_commitment_loss, None if d_loss is None else d_loss * ctx.beta)
         dz, dcb = None, None
-        if dq is not None or d_commitment_loss is not None or d_codebook is not None:
-            dz, dcb = vq_bwd(dq, z, codebook, indices, d_commitment_loss, d_codebook, ctx.dim, ctx.estimator)
-        return dz, (dcb if d_codebook is not None else None), None, None, None, None
+        if dq is not None or d_commit is not None or d_codebook is not None:
+            dz, dcb = vq_bwd(dq, z, codebook, indices, d_commit, d_codebook, ctx.dim, ctx.estimator)
+        return dz, (dcb if d_codebook is not None else None), None, None, None, None, None
 
 
-def _vq(z, codebook, dim, precision, estimator, with_sums):
-    """(quantized, indices, codebook_loss, commitment_loss, counts, sums): through _VQ when a gradient is needed."""
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """a + b for two gradients, either of which may be None (none arrived)."""
+    return b if a is None else a if b is None else a + b
+
+
+def _vq(z, codebook, dim, precision, estimator, with_sums, beta):
+    """(quantized, indices, loss, codebook_loss, commitment_loss, counts, sums): through _VQ when a gradient is
+    needed."""
     if needs_grad(z, codebook):
-        return _VQ.apply(*distinct(z, codebook), dim, precision, estimator, with_sums)
+        return _VQ.apply(*distinct(z, codebook), dim, precision, estimator, with_sums, beta)
     quantized, indices, loss, counts, sums = vq_fwd(z, codebook, dim, precision, with_sums)
-    return quantized, indices, loss, loss, counts, sums
-
-
-def _no_grad(t: Tensor) -> Tensor:
-    """t detached, without the call when autograd does not track it (indices have no gradient)."""
-    return t.detach() if t.requires_grad else t
+    return quantized, indices, loss * (1.0 + beta), loss, loss, counts, sums
 
 
 def _prepare(z, codebook, distance: str, dim: int, precision: str):
@@ -156,7 +158,9 @@ def nearest_code(z: Tensor, codebook: Tensor, *, distance: str = "l2", dim: int 
     dim = _prepare(z, codebook, distance, dim, precision)
     if distance == "cosine":
         codebook = F.normalize(codebook.detach(), dim=-1)
-    return nearest_code_op(_no_grad(z), _no_grad(codebook), dim, precision)
+    if needs_grad(z, codebook):  # indices have no gradient: keep autograd out of the search
+        z, codebook = z.detach(), codebook.detach()
+    return nearest_code_op(z, codebook, dim, precision)
 
 
 def quantize_with_stats(z, codebook, *, beta=0.25, distance="l2", dim=-1, precision="exact", estimator="ste",
@@ -166,16 +170,16 @@ def quantize_with_stats(z, codebook, *, beta=0.25, distance="l2", dim=-1, precis
     Also returns the vectors the search saw (z, or l2-normalised z for "cosine"), for EMA updates and restarts.
     """
     dim = _prepare(z, codebook, distance, dim, precision)
-    _checks.non_negative("beta", beta)
+    beta = _checks.non_negative("beta", beta)
     _checks.choice("estimator", estimator, _checks.ESTIMATORS)
     if distance == "cosine":
         z, codebook = F.normalize(z, dim=dim), F.normalize(codebook, dim=-1)
-    quantized, indices, cb_loss, commit_loss, counts, sums = _vq(z, codebook, dim, precision, estimator, with_sums)
-    probs = counts.to(acc_dtype(cb_loss.dtype)).div_(counts.sum().clamp_min(1))
+    quantized, indices, loss, cb_loss, commit_loss, counts, sums = _vq(z, codebook, dim, precision, estimator,
+                                                                      with_sums, beta)
+    probs = counts / counts.sum(dtype=acc_dtype(loss.dtype)).clamp_min_(1)  # divided in the accumulation dtype
     perplexity = torch.special.entr(probs).sum().exp()
-    perplexity = perplexity if perplexity.dtype == cb_loss.dtype else perplexity.to(cb_loss.dtype)
-    result = VQResult(quantized, indices, cb_loss + beta * commit_loss, cb_loss, commit_loss, perplexity)
-    return result, counts, sums, z
+    perplexity = perplexity if perplexity.dtype == loss.dtype else perplexity.to(loss.dtype)
+    return VQResult(quantized, indices, loss, cb_loss, commit_loss, perplexity), counts, sums, z
 
 
 def vector_quantize(z: Tensor, codebook: Tensor, *, beta: float = 0.25, distance: str = "l2", dim: int = -1,

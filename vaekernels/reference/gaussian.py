@@ -33,8 +33,8 @@ def noise(seed: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.T
     """eps ~ N(0, I) of `like`'s shape for the op's 0-d seed: torch's generator on CPU tensors (as fast as
     torch.randn), the Philox stream of Triton's tl.randn(seed, flat index) on other devices (the seed stays on the
     device: no host synchronisation). A fresh tensor, free to be overwritten."""
-    if like.device.type == "cpu":
-        return torch.randn(like.shape, generator=_cpu_generator(seed), dtype=dtype)
+    if like.is_cpu:  # torch.randn(like.shape, ...)'s numbers (like is contiguous), with less argument parsing
+        return torch.empty_like(like, dtype=dtype).normal_(generator=_cpu_generator(seed))
     return philox_noise(seed, like, dtype)
 
 
@@ -80,43 +80,50 @@ def gaussian_forward(mu, logvar, prior_mu, prior_logvar, seed, kl_mode, kl_scale
     return z, (per_row.sum(1) if kl_mode == "sample" else per_row.sum(0)).mul_(0.5 * kl_scale)
 
 
+def _kl_weight(dkl, mu, kl_mode, acc):
+    """The KL output's gradient shaped to broadcast against mu: one weight per latent ("latent", mu's shape without
+    dim 0) or per sample ("sample", one per index of dim 0), else as it is (0-d, or mu's shape)."""
+    w = _f(dkl, acc)
+    if kl_mode == "latent":
+        return w.view(mu.shape[1:])
+    if kl_mode == "sample":
+        return w.view((-1,) + (1,) * (mu.dim() - 1))
+    return w
+
+
 def gaussian_backward(dz, dkl, mu, logvar, prior_mu, prior_logvar, seed, z, kl_mode, kl_scale):
     acc = acc_dtype(mu.dtype)
     m, lv = _f(mu, acc), _f(logvar, acc)
-    dmu = dpmu = dplv = sigma_eps = None
+    dpmu = dplv = dz_sigma_eps = None
     if dz is not None and seed is not None:  # dz * d(sigma eps)/dlv = 0.5 dz sigma eps
         if z is not None and z.dtype in (torch.float32, torch.float64):
-            sigma_eps = torch.sub(_f(z, acc), m)
+            dz_sigma_eps = torch.sub(_f(z, acc), m).mul_(dz)
         else:
-            sigma_eps = noise(seed, mu, acc).mul_(_sigma(lv))
+            dz_sigma_eps = noise(seed, mu, acc).mul_(_sigma(lv)).mul_(dz)
     if dkl is None:
-        dlv = torch.zeros_like(lv) if sigma_eps is None else sigma_eps.mul_(dz).mul_(0.5)
-        return dmu, _f(dlv, logvar.dtype), dpmu, dplv
-    # the KL's gradients, weighted by w = dkl * kl_scale (addcmul's value carries the scale: one op each)
-    w, shape = _f(dkl, acc), mu.shape
+        dlv = torch.zeros_like(lv) if dz_sigma_eps is None else dz_sigma_eps.mul_(0.5)
+        return None, _f(dlv, logvar.dtype), None, None
+    # the KL's gradients, weighted by w * kl_scale: addcmul's value carries the scale, else it joins w (0-d or small
+    # unless elementwise) before the one pass over the elements
+    w = _kl_weight(dkl, mu, kl_mode, acc)
     diff = m if prior_mu is None else m - _f(prior_mu, acc)
-    if kl_mode in ("latent", "sample"):  # per-latent or per-sample weights: work on (batch, rest) views
-        w = w.view(1, -1) if kl_mode == "latent" else w.view(-1, 1)
-        shape = (mu.shape[0], -1)
-        lv, diff = lv.view(shape), diff.view(shape)
     if prior_logvar is None:  # dKL/dmu = diff, dKL/dlogvar = (var - 1) / 2
         dlv_kl, dmu_kl = torch.expm1(lv), diff
     else:  # prior variance p: diff / p, (var / p - 1) / 2; dKL/dprior_logvar = (1 - (var + diff^2) / p) / 2
-        inv_pvar = torch.exp(-_f(prior_logvar, acc)).view(lv.shape)
+        inv_pvar = torch.exp(-_f(prior_logvar, acc))
         var_p = torch.exp(lv).mul_(inv_pvar)
         dlv_kl, dmu_kl = var_p - 1.0, diff * inv_pvar
-        dplv = (1.0 - var_p - diff * diff * inv_pvar).mul_(w).mul_(0.5 * kl_scale)
-        dplv = _f(dplv.view(mu.shape), prior_logvar.dtype)
-    if sigma_eps is None:
-        dlv = dlv_kl.mul_(w).mul_(0.5 * kl_scale)
+        dplv = _f((1.0 - var_p - diff * diff * inv_pvar).mul_(w * (0.5 * kl_scale)), prior_logvar.dtype)
+    if dz_sigma_eps is None:
+        dlv = dlv_kl.mul_(w * (0.5 * kl_scale))
     else:
-        dlv = torch.addcmul(sigma_eps.mul_(dz).view(shape), dlv_kl, w, value=kl_scale, out=dlv_kl).mul_(0.5)
+        dlv = torch.addcmul(dz_sigma_eps, dlv_kl, w, value=kl_scale, out=dlv_kl).mul_(0.5)
     if prior_mu is not None or dz is None:
-        dmu = torch.mul(dmu_kl, w).mul_(kl_scale).view(mu.shape)
+        dmu = torch.mul(dmu_kl, w * kl_scale)
         if prior_mu is not None:
             dpmu = _f(-dmu, prior_mu.dtype)
         if dz is not None:
             dmu = dmu.add_(dz)
     else:
-        dmu = torch.addcmul(_f(dz, acc).view(shape), dmu_kl, w, value=kl_scale).view(mu.shape)
-    return _f(dmu, mu.dtype), _f(dlv.view(mu.shape), logvar.dtype), dpmu, dplv
+        dmu = torch.addcmul(_f(dz, acc), dmu_kl, w, value=kl_scale)
+    return _f(dmu, mu.dtype), _f(dlv, logvar.dtype), dpmu, dplv

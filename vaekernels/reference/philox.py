@@ -75,14 +75,14 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
     generator for CUDA latents, as diffusers allows) draws on its own device."""
     device = torch.device(device)
     if generator is not None and generator.device.type != device.type:
-        return torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=generator.device)
+        return torch.randint(2**62, (), dtype=torch.int64, generator=generator, device=generator.device)
     if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         gen = generator or torch.cuda.default_generators[device.index if device.index is not None
                                                          else torch.cuda.current_device()]
         offset = gen.get_offset()
         gen.set_offset(offset + 4)
         return torch.tensor(_mix(gen.initial_seed(), offset), dtype=torch.int64)
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
+    return torch.randint(2**62, (), dtype=torch.int64, device=device, generator=generator)
 
 
 __all__ = ["randn", "draw_seed", "philox_uint32x2"]

@@ -36,23 +36,31 @@ def _blocks(n: int, k: int):
         yield slice(start, min(start + step, n))
 
 
-def _search_block(zr: torch.Tensor, cbf: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+def _search_block(zr: torch.Tensor, cbf: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.addmm(norms, _f(zr, cbf.dtype), cbf.t(), alpha=-2.0)
     idx = d.argmin(1, keepdim=True)  # argmin picks a NaN when the row has one, so checking the picked value suffices
     # (argmin, not min(dim): on a busy 2-core machine min's parallel reduction stalls for milliseconds on tiny rows)
-    return idx.masked_fill_(d.gather(1, idx).isnan(), -1).view(-1)
+    return idx, d.gather(1, idx).isnan()
 
 
-def _search(zr: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """argmin_k ||e_k||^2 - 2 z.e_k per row (lowest index on ties, -1 where a distance is NaN)."""
+def _search(zr: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, nan, cbf): argmin_k ||e_k||^2 - 2 z.e_k per row as (N, 1) indices (lowest on ties), whether the picked
+    distance is NaN (N, 1), and the codebook in the accumulation dtype the distances were computed in."""
     cbf = _f(cb, acc_dtype(torch.promote_types(zr.dtype, cb.dtype)))
-    norms = cbf.square().sum(1)
+    norms = torch.linalg.vecdot(cbf, cbf)
     if zr.shape[0] * cb.shape[0] <= _BLOCK_ELEMENTS:
-        return _search_block(zr, cbf, norms)
-    out = torch.empty(zr.shape[0], dtype=torch.int64, device=zr.device)
+        return *_search_block(zr, cbf, norms), cbf
+    idx = torch.empty((zr.shape[0], 1), dtype=torch.int64, device=zr.device)
+    nan = torch.empty((zr.shape[0], 1), dtype=torch.bool, device=zr.device)
     for blk in _blocks(zr.shape[0], cb.shape[0]):
-        out[blk] = _search_block(zr[blk], cbf, norms)
-    return out
+        idx[blk], nan[blk] = _search_block(zr[blk], cbf, norms)
+    return idx, nan, cbf
+
+
+def _slots(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices as slots of k + 1 per-code accumulators: index -1 (a NaN row) becomes k (-1 mod k + 1), the extra
+    slot that is dropped."""
+    return idx.remainder(k + 1)
 
 
 def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,18 +80,19 @@ def index_shape(z: torch.Tensor, dim: int) -> tuple:
 
 
 def nearest_code(z, codebook, dim, precision):
-    return _search(rows(z, dim), codebook).view(index_shape(z, dim))
+    idx, nan, _ = _search(rows(z, dim), codebook)
+    return idx.masked_fill_(nan, -1).view(index_shape(z, dim))
 
 
 def vq_forward(z, codebook, dim, precision, with_sums):
-    acc = acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
     zr = rows(z, dim)
-    idx = _search(zr, codebook)
-    e = _gather(codebook, idx, acc)
-    zf = _f(zr, acc)
+    idx, nan, cbf = _search(zr, codebook)
+    e = cbf.index_select(0, idx.view(-1)).masked_fill_(nan, float("nan"))
+    zf = _f(zr, cbf.dtype)
     sq_err = torch.sub(e, zf).square_().sum()
     k = codebook.shape[0]
-    slot = torch.where(idx < 0, k, idx)  # NaN rows (index -1) land in an extra slot that is dropped
+    idx.masked_fill_(nan, -1)
+    slot = _slots(idx, k).view(-1)
     counts = torch.bincount(slot, minlength=k + 1)[:k]
     sums = scatter_rows(slot, zf, k + 1)[:k] if with_sums else None
     quantized = unrows(_f(e, z.dtype), z, dim)
@@ -114,15 +123,16 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     if dq is not None:
         dqr = _f(rows(dq, dim), acc)
         dz = rotation_grad(dqr, zr, e) if estimator == "rotation" else dqr
-    if d_commit is not None:
-        commit = torch.sub(zr, e).mul_(_f(d_commit, acc) * scale)
-        dz = commit if dz is None else commit.add_(dz)
+    e_minus_z = torch.sub(e, zr) if d_commit is not None or d_codebook is not None else None
+    if d_commit is not None:  # dz += scale * d_commit * (z - e)
+        d_commit = _f(d_commit, acc)
+        dz = (torch.mul(e_minus_z, d_commit * -scale) if dz is None
+              else torch.addcmul(dz, e_minus_z, d_commit, value=-scale))
     if dz is None:
         dz = torch.zeros_like(zr)
     dcb = None
-    if d_codebook is not None:
+    if d_codebook is not None:  # scale * d_codebook * (e - z), summed by code
         k = codebook.shape[0]
-        slot = torch.where(idx < 0, k, idx)  # NaN rows (index -1) land in an extra slot that is dropped
-        diff = torch.sub(e, zr).mul_(_f(d_codebook, acc) * scale)
-        dcb = _f(scatter_rows(slot, diff, k + 1)[:k], codebook.dtype)
+        diff = e_minus_z.mul_(_f(d_codebook, acc) * scale)
+        dcb = _f(scatter_rows(_slots(idx, k), diff, k + 1)[:k], codebook.dtype)
     return unrows(_f(dz, z.dtype), z, dim), dcb
