@@ -103,11 +103,12 @@ def vq(call, device: torch.device) -> None:
 def lfq(call, device: torch.device) -> None:
     """Both entropies forward, the backward with each code-pass gradient (batch distribution, clamped per-sample
     entropy, both); K = 1 (no high bits), small (masked code tiles) and odd with groups, channel-first and
-    spherical; tokens in one and several average splits; float16 and bfloat16 inputs."""
+    spherical, K = 12 (full code tiles: the average's 64 x 64 tensor-core tiles); tokens in one and several average
+    splits; float16 and bfloat16 inputs."""
     one = torch.ones((), device=device)
+    cases = [((70, 1), -1, 1, False), ((3, 10, 5, 6), 1, 2, True), ((4, 12), -1, 1, False)]
     for dtype in DTYPES:
-        for shape, dim, groups, spherical in [((70, 1), -1, 1, False), ((3, 10, 5, 6), 1, 2, True)][
-                : 2 if dtype == torch.float32 else 1]:
+        for shape, dim, groups, spherical in cases if dtype == torch.float32 else cases[:1]:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             for clamped in (False, True):
                 args = (x, dim, 2.0, 1.0, spherical, groups, clamped, 1e-5)

@@ -136,7 +136,8 @@ FUSED_CASES = [
     ((200, 5), dict(inv_temperature=2.0)),
     ((3, 8, 2, 5), dict(dim=1, num_codebooks=2, spherical=True, entropy="clamped", inv_temperature=4.0)),
     ((37, 9), dict(inv_temperature=0.5, entropy="clamped", eps=1e-3)),
-    ((10, 14), dict(inv_temperature=0.2)),  # slow under the interpreter: the mixed combination only
+    ((10, 14), dict(inv_temperature=0.2)),  # from K = 12 slow under the interpreter: the mixed combination only
+    ((6, 12), dict(inv_temperature=0.3, entropy="clamped")),  # the clamped passes over several low tiles
 ]
 COMBOS = [(0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0.3, 0.7, -1.1, 0.5, 2)]
 
@@ -154,12 +155,18 @@ def test_fused_backend_matches_dense_formula(backend, shape, kw):
         got = vk.lookup_free_quantize(x, **kw)
         size = lops._size(x, kw.get("dim", -1), kw.get("num_codebooks", 1))
         assert _backend.resolve_name("lfq_fwd", x.device, size) == backend
+        args = (kw.get("dim", -1), kw.get("inv_temperature", 100.0), kw.get("codebook_scale", 1.0),
+                kw.get("spherical", False), kw.get("num_codebooks", 1), kw.get("entropy") == "clamped",
+                kw.get("eps", 1e-5))
+        # the batch distribution itself, code by code (the entropies do not see a permutation of the codes)
+        torch.testing.assert_close(lops.lfq_fwd(x.detach(), *args)[2].double(),
+                                   ref.lfq_forward(xd.detach(), *args)[2], rtol=1e-5, atol=1e-7)
         assert torch.equal(got.indices, want.indices)
         torch.testing.assert_close(got.quantized, want.quantized.float(), rtol=0, atol=0)
         for name in ("entropy_loss", "per_sample_entropy", "codebook_entropy", "commitment_loss"):
             torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=1e-5, atol=1e-6,
                                        msg=name)
-        for c in COMBOS if shape[-1] < 14 else COMBOS[-1:]:
+        for c in COMBOS if shape[-1] < 12 else COMBOS[-1:]:
             g1, = torch.autograd.grad(_combo(vk.lookup_free_quantize(x, **kw), w, c), x)
             g2, = torch.autograd.grad(_combo(dense(xd, **kw), w.double(), c), xd)
             torch.testing.assert_close(g1.double(), g2, rtol=1e-5, atol=1e-6 * max(1.0, float(g2.abs().max())),
@@ -200,7 +207,8 @@ def test_fused_backend_is_deterministic(backend):
 @pytest.mark.parametrize("backend", LFQ_BACKENDS)
 def test_fused_memory_at_2_18_codes(backend):
     """Issue 14's GPU target: 2^18 codes x 16384 tokens forward + backward, both entropies, under 1 GiB of peak
-    CUDA memory (one dense float32 probability matrix would be 17 GB). CPU twin: test_memory_bound_in_a_fresh_process."""
+    CUDA memory (one dense float32 probability matrix would be 17 GB); in fact O(N K + 2^K): under 64 MiB (about 16
+    MiB of token-split partial averages, 1 MiB vectors). CPU twin: test_memory_bound_in_a_fresh_process."""
     x = torch.randn(16384, 18, device=DEVICE).requires_grad_()
     with vk.use_backend(backend):
         for entropy in ("exact", "clamped"):
@@ -210,7 +218,7 @@ def test_fused_memory_at_2_18_codes(backend):
             r = vk.lookup_free_quantize(x, entropy=entropy)
             (r.entropy_loss + r.commitment_loss).backward()
             torch.cuda.synchronize()
-            assert torch.cuda.max_memory_allocated() - base < 2**30
+            assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
             assert torch.isfinite(x.grad).all()
             x.grad = None
 

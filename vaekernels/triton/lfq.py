@@ -105,7 +105,11 @@ def _token_kernel(lo_ptr, hi_ptr, weight_ptr, ps_weight_ptr, out_ptr, s1_ptr, s0
         ls = l0 + tl.arange(0, BLOCK_L)    # (K1 <= K2 bits, BLOCK_H << BLOCK_L codes) in the inner loop
         l_ok = ls < (1 << K2)
         log_l = _log_table(lo_ptr, hi_ptr, row, ok, ls, K1, K2)
+        # this low tile's sums, added to the totals once (shorter float32 chains than one add per code tile)
         by_low = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
+        tile_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tile_s1 = tl.zeros((BLOCK_N, KP1), dtype=tl.float32)
+        tile_s0 = tl.zeros((BLOCK_N, KP1), dtype=tl.float32)
         for h0 in range(0, 1 << K1, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_ok = hs < (1 << K1)
@@ -117,24 +121,28 @@ def _token_kernel(lo_ptr, hi_ptr, weight_ptr, ps_weight_ptr, out_ptr, s1_ptr, s0
                 per_code = tl.zeros((BLOCK_N, BLOCK_H, BLOCK_L), dtype=tl.float32)
                 if HAS_WEIGHT:
                     codes = hs[:, None] * (1 << K2) + ls[None, :]
-                    per_code += tl.load(weight_ptr + g * (1 << K) + codes, mask=h_ok[:, None] & l_ok[None, :],
-                                        other=0.0)[None, :, :]
+                    per_code += tl.load(weight_ptr + g.to(tl.int64) * (1 << K) + codes,
+                                        mask=h_ok[:, None] & l_ok[None, :], other=0.0)[None, :, :]
                 if CLAMPED:
                     per_code -= ps_weight * (clamped + tl.where(logp >= log_eps, 1.0, 0.0))
                 p_g = p * per_code
                 by_low += tl.sum(p_g, axis=1)
-                s1_high, s0_high = _bit_sums(s1_high, s0_high, tl.sum(p_g, axis=2), hs, K1, KP1)
+                tile_s1, tile_s0 = _bit_sums(tile_s1, tile_s0, tl.sum(p_g, axis=2), hs, K1, KP1)
             else:
-                entropy -= tl.sum(tl.sum(p * clamped, axis=2), axis=1)
+                tile_entropy -= tl.sum(tl.sum(p * clamped, axis=2), axis=1)
         if GRADIENT:
+            s1_high += tile_s1
+            s0_high += tile_s0
             s1_low, s0_low = _bit_sums(s1_low, s0_low, by_low, ls, K2, KP2)
+        else:
+            entropy += tile_entropy
     if GRADIENT:
         _store_bits(s1_ptr, row, ok, s1_high, 0, K1, KP1)
         _store_bits(s0_ptr, row, ok, s0_high, 0, K1, KP1)
         _store_bits(s1_ptr, row, ok, s1_low, K1, K2, KP2)
         _store_bits(s0_ptr, row, ok, s0_low, K1, K2, KP2)
     else:
-        tl.store(out_ptr + ns * G + g, entropy, mask=ok)
+        tl.store(out_ptr + ns.to(tl.int64) * G + g, entropy, mask=ok)
 
 
 def _log_sigmoids(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +159,7 @@ def _average(w: torch.Tensor) -> torch.Tensor:
     n, groups, k = w.shape
     k1, k2 = reference._split(k)
     lo, hi = _log_sigmoids(w)
-    block_n = 64  # tl.dot takes tiles of at least 16 on every side: smaller code ranges are masked
+    block_n = 32  # tl.dot takes tiles of at least 16 on every side: smaller code ranges are masked
     block_h, block_l = max(16, _tile(k1, 64)), max(16, _tile(k2, 64))
     code_tiles = triton.cdiv(1 << k1, block_h) * triton.cdiv(1 << k2, block_l) * groups
     splits = max(1, min(triton.cdiv(n, block_n), _SPLIT_PROGRAMS // code_tiles))
@@ -159,7 +167,7 @@ def _average(w: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(n, per_split)
     out = lo.new_empty(splits, groups, 1 << k)
     grid = (triton.cdiv(1 << k1, block_h), triton.cdiv(1 << k2, block_l), splits * groups)
-    _average_kernel[grid](lo, hi, out, n, groups, per_split, 1.0 / n if splits == 1 else 1.0, K=k, K1=k1,
+    _average_kernel[grid](lo, hi, out, n, groups, per_split, 1.0 / n if splits == 1 else 1.0, K=k, K1=k1, num_warps=8,
                           PRECISION=_PRECISION, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_L=block_l)
     if splits == 1:
         return out[0]
@@ -171,7 +179,7 @@ def _token_pass(w, weight, ps_weight, eps, gradient):
     n, groups, k = w.shape
     k1, k2 = reference._split(k)
     lo, hi = _log_sigmoids(w)
-    block_n, block_h, block_l = 16, _tile(k1, 4), _tile(k2, 32)
+    block_n, block_h, block_l = 16, _tile(k1, 4), _tile(k2, 16)
     entropy = lo.new_empty(0 if gradient else n * groups)
     s1, s0 = (torch.empty_like(lo), torch.empty_like(lo)) if gradient else (entropy, entropy)
     weight = lo if weight is None else weight.float().contiguous()
