@@ -105,6 +105,7 @@ def _token_kernel(lo_ptr, hi_ptr, weight_ptr, ps_weight_ptr, out_ptr, s1_ptr, s0
         ls = l0 + tl.arange(0, BLOCK_L)    # (K1 <= K2 bits, BLOCK_H << BLOCK_L codes) in the inner loop
         l_ok = ls < (1 << K2)
         log_l = _log_table(lo_ptr, hi_ptr, row, ok, ls, K1, K2)
+        low = tl.where(ok[:, None] & l_ok[None, :], tl.exp(log_l), 0.0)  # p = A L: exps per table entry, not pair
         # this low tile's sums, added to the totals once (shorter float32 chains than one add per code tile)
         by_low = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
         tile_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -113,9 +114,9 @@ def _token_kernel(lo_ptr, hi_ptr, weight_ptr, ps_weight_ptr, out_ptr, s1_ptr, s0
         for h0 in range(0, 1 << K1, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_ok = hs < (1 << K1)
-            logp = _log_table(lo_ptr, hi_ptr, row, ok, hs, 0, K1)[:, :, None] + log_l[:, None, :]
-            live = ok[:, None, None] & (h_ok[:, None] & l_ok[None, :])[None, :, :]
-            p = tl.where(live, tl.exp(logp), 0.0)
+            log_a = _log_table(lo_ptr, hi_ptr, row, ok, hs, 0, K1)
+            p = tl.where(h_ok[None, :], tl.exp(log_a), 0.0)[:, :, None] * low[:, None, :]
+            logp = log_a[:, :, None] + log_l[:, None, :]
             clamped = tl.maximum(logp, log_eps)
             if GRADIENT:
                 per_code = tl.zeros((BLOCK_N, BLOCK_H, BLOCK_L), dtype=tl.float32)
