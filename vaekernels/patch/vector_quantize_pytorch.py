@@ -18,7 +18,7 @@ import torch
 from .._kmeans import lloyd
 from ..ops.vq import nearest_code, quantize_with_stats
 from ._base import Adapter, Uncovered
-from .vector_quantize_pytorch_lfq import LFQ
+from .vector_quantize_pytorch_lfq import INSTALL_HINT, LFQ
 
 _MODULE = "vector_quantize_pytorch.vector_quantize_pytorch"
 
@@ -51,7 +51,7 @@ class VectorQuantize(Adapter):
     name = "vector-quantize-pytorch VectorQuantize"
     module = _MODULE
     class_name = "VectorQuantize"
-    install_hint = "vector-quantize-pytorch (pip install vector-quantize-pytorch)"
+    install_hint = INSTALL_HINT
 
     def uncovered(self, vq):
         cb = vq._codebook

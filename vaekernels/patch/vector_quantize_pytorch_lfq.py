@@ -21,6 +21,7 @@ from ..ops.lfq import lookup_free_quantize
 from ._base import Adapter, Uncovered
 
 _MODULE = "vector_quantize_pytorch.lookup_free_quantization"
+INSTALL_HINT = "vector-quantize-pytorch (pip install vector-quantize-pytorch)"  # for every adapter of the package
 _warned_frac = False
 
 
@@ -37,7 +38,7 @@ class LFQ(Adapter):
     name = "vector-quantize-pytorch LFQ"
     module = _MODULE
     class_name = "LFQ"
-    install_hint = "vector-quantize-pytorch (pip install vector-quantize-pytorch)"
+    install_hint = INSTALL_HINT
 
     def uncovered(self, m):
         options = (
