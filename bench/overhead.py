@@ -11,6 +11,18 @@ shapes.OVERHEAD (4x4 latents, 64x128, 64x4x64x64; VQ: N=4 K=8 D=8, N=256 D=64 K=
   the time Python spends issuing one call (no synchronisation inside the timed calls), plus the kernels one call
   launches (torch.profiler).
 --save writes bench/results/<device>-<date>-overhead.{json,md} (named as bench/run.py names its runs).
+
+--floor also measures the host-path floor of a Python autograd op, for reparameterize at each size, four ways
+(ratio to the eager formula):
+- eager: mu + exp(0.5 logvar) * randn (four native autograd nodes, eps saved);
+- bare Function: one torch.autograd.Function issuing the reference backend's sampling calls (noise from torch's
+  generator, no seed, no argument checks, no backend lookup), backward 0.5 dz (z - mu) from the saved z;
+- bare Function + seed: the same plus what the sampling contract adds per call (a seed drawn from torch's
+  generator, a generator re-seeded from it, the seed saved), so that compiled and eager calls draw alike;
+- vaekernels: vk.reparameterize.
+eager -> bare Function is the price of a Python autograd node; bare -> seed, of the seed; seed -> vaekernels, of
+checks, dispatch and backend choice. Where "bare Function" is below 1.0, no op built on a Python autograd node
+reaches the eager formula's speed at that size.
 """
 from __future__ import annotations
 
@@ -30,6 +42,9 @@ import torch  # noqa: E402
 import _measure  # noqa: E402
 from run import EAGER_FORMULAS, device_tag, make_step, vk_formulas  # noqa: E402
 from shapes import OVERHEAD, Codes  # noqa: E402
+
+import vaekernels as vk  # noqa: E402
+from vaekernels.reference.philox import draw_seed  # noqa: E402
 
 OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize")
 
@@ -127,6 +142,57 @@ def run(device: torch.device, rounds: int, sizes: list[str]) -> dict:
     return {"meta": _measure.device_info(device), "rows": rows}
 
 
+class _Bare(torch.autograd.Function):
+    """z = mu + sigma eps with eps from `generator` (torch's default when None); saves mu and z, never eps."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, generator):
+        eps = torch.empty_like(mu).normal_(generator=generator)
+        z = torch.addcmul(mu, eps, torch.mul(logvar, 0.5).exp_(), out=eps)
+        ctx.save_for_backward(mu, z, seed)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        mu, z, _ = ctx.saved_tensors
+        return dz, torch.sub(z, mu).mul_(dz).mul_(0.5), None, None
+
+
+def floor_formulas(device: torch.device) -> dict:
+    """{name: f(mu, logvar) -> [z]}: reparameterize the four ways of --floor."""
+    reseeded = torch.Generator(device=device)
+
+    def with_seed(mu, logvar):
+        seed = draw_seed(mu.device)
+        return [_Bare.apply(mu, logvar, seed, reseeded.manual_seed(int(seed)))]
+
+    return {
+        "eager": EAGER_FORMULAS["reparameterize"],
+        "bare Function": lambda mu, logvar: [_Bare.apply(mu, logvar, None, None)],
+        "bare Function + seed": with_seed,
+        "vaekernels": lambda mu, logvar: [vk.reparameterize(mu, logvar)],
+    }
+
+
+def floor(device: torch.device, rounds: int, sizes: list[str]) -> list[dict]:
+    """--floor's rows: per size, µs per forward+backward and ratio to eager of each of floor_formulas."""
+    rows = []
+    for size in sizes:
+        shape = OVERHEAD[size][0].shape
+        g = torch.Generator().manual_seed(0)
+        mu = torch.randn(shape, generator=g).to(device).requires_grad_()
+        logvar = (0.5 * torch.randn(shape, generator=g)).to(device).requires_grad_()
+        steps = {name: make_step(lambda f=f: f(mu, logvar), [mu, logvar], "fwdbwd")
+                 for name, f in floor_formulas(device).items()}
+        t = compare_speed(steps, device, rounds)
+        row = {"size": size, "us": {name: 1e6 * s for name, s in t.items()},
+               "ratio": {name: t["eager"] / s for name, s in t.items()}}
+        rows.append(row)
+        print(f"floor {size:11s} " + ", ".join(f"{name} {row['ratio'][name]:.2f}x ({row['us'][name]:.0f} µs)"
+                                               for name in t), flush=True)
+    return rows
+
+
 def _line(row: dict) -> str:
     mem = f"{row['memory_ratio']:.2f}x memory" if row.get("memory_ratio") is not None else "memory n/a"
     host = (f", host {row['vaekernels_host_us']:.0f} µs vs eager {row['eager_host_us']:.0f} µs"
@@ -154,6 +220,12 @@ def markdown(data: dict) -> str:
         if "launches" in first:
             host += f" ({first['launches']['vaekernels']} / {first['launches']['eager']} launches)"
         lines.append(f"| {op} | " + " | ".join(cells) + f" | {host} |")
+    if data.get("floor"):
+        names = list(data["floor"][0]["ratio"])
+        lines += ["", "The host-path floor (`--floor`): reparameterize forward+backward, ratio to the eager formula:", "",
+                  "| size | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {r['size']} | " + " | ".join(f"{r['ratio'][n]:.2f}× ({r['us'][n]:.0f} µs)" for n in names) + " |"
+                  for r in data["floor"]]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +238,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the markdown table here")
     parser.add_argument("--save", action="store_true", help="bench/results/<device>-<date>-overhead.{json,md}")
+    parser.add_argument("--floor", action="store_true", help="also the host-path floor of a Python autograd op")
     args = parser.parse_args(argv)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = args.sizes.split(",")
@@ -173,6 +246,8 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown size {unknown[0]!r}; known: {', '.join(OVERHEAD)}")
     data = run(torch.device(name), args.rounds, sizes)
+    if args.floor:
+        data["floor"] = floor(torch.device(name), args.rounds, sizes)
     table = markdown(data)
     print("\n" + table)
     paths = {"json": args.json, "markdown": args.markdown}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize", "vq_module")
@@ -122,9 +123,9 @@ def test_kmeans_bench_quick(tmp_path):
 
 def test_overhead_benchmark_compares_every_op_with_its_eager_formula(tmp_path):
     """bench/overhead.py at the smallest size: every public op against its eager formula, with speed and memory
-    ratios and host µs per call for both, written as JSON and a markdown table."""
+    ratios and host µs per call for both, and --floor's rows, written as JSON and a markdown table."""
     out, table = tmp_path / "overhead.json", tmp_path / "overhead.md"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--sizes", "4x4", "--rounds", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--sizes", "4x4", "--rounds", "1", "--floor",
            "--json", str(out), "--markdown", str(table)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,3 +136,30 @@ def test_overhead_benchmark_compares_every_op_with_its_eager_formula(tmp_path):
         assert r["speedup"] > 0 and r["eager_host_us"] > 0 and r["vaekernels_host_us"] > 0
         assert math.isclose(r["speedup"], r["eager_ms"] / r["vaekernels_ms"])
     assert "| reparameterize_kl |" in table.read_text()
+    floor, = json.loads(out.read_text())["floor"]
+    assert set(floor["ratio"]) == {"eager", "bare Function", "bare Function + seed", "vaekernels"}
+    assert floor["ratio"]["eager"] == 1.0 and all(v > 0 for v in floor["us"].values())
+    assert "| 4x4 | 1.00× (" in table.read_text()
+
+
+
+def test_overhead_floor_bare_function_computes_the_eager_formula():
+    """bench/overhead.py --floor's bare Function is an honest floor: from the same generator state it gives eager's z
+    and gradients (its noise is torch.randn's), and the seeded variant draws the same z for the same torch seed."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import overhead
+
+    f = overhead.floor_formulas(torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(5, 3, generator=g, requires_grad=True)
+    lv = (0.5 * torch.randn(5, 3, generator=g)).requires_grad_()
+    w = torch.randn(5, 3, generator=g)
+    results = {}
+    for name in ("eager", "bare Function", "bare Function + seed", "bare Function + seed"):
+        torch.manual_seed(7)
+        z, = f[name](mu, lv)
+        results.setdefault(name, []).append((z.detach(),) + torch.autograd.grad((z * w).sum(), (mu, lv)))
+    for a, b in zip(results["eager"][0], results["bare Function"][0]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*results["bare Function + seed"]):
+        assert torch.equal(a, b)

@@ -47,6 +47,42 @@ def test_nan_rows_are_not_mapped_to_a_code():
     assert r.indices[2].item() == -1 and torch.isnan(r.quantized[2]).all() and torch.isnan(r.loss)
 
 
+def test_nan_rows_gradients_leave_out_the_nan_row():
+    """A NaN row gets a NaN gradient and adds nothing to the codebook's: the other rows' closed forms hold."""
+    z, cb = _data(7, 4, 3, dtype=torch.float32, seed=3)
+    z[2, 0] = float("nan")
+    z, cb = z.requires_grad_(), cb.requires_grad_()
+    r = vk.vector_quantize(z, cb)
+    dz, = torch.autograd.grad(r.commitment_loss, z, retain_graph=True)
+    dcb, = torch.autograd.grad(r.codebook_loss, cb)
+    kept = [0, 1, 3, 4, 5, 6]
+    idx, e = r.indices[kept], cb.detach()[r.indices[kept]]
+    assert torch.isnan(dz[2]).all()
+    torch.testing.assert_close(dz[kept], 2 * (z.detach()[kept] - e) / z.numel())
+    expected = torch.zeros_like(cb).index_add_(0, idx, 2 * (e - z.detach()[kept]) / z.numel())
+    torch.testing.assert_close(dcb, expected)
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+def test_nan_free_shortcut_equals_the_masking_path(monkeypatch, nan_row):
+    """On CPU tensors a batch without NaN rows skips the -1 masking: it gives what the masking path gives, bitwise."""
+    z, cb = _data(40, 9, 5, dtype=torch.float32)
+    if nan_row:
+        z[7, 2] = float("nan")
+
+    def run():
+        zz, cc = z.clone().requires_grad_(), cb.clone().requires_grad_()
+        r = vk.vector_quantize(zz, cc, estimator="rotation")
+        loss = (r.quantized * torch.linspace(-1, 1, 5)).sum() + r.codebook_loss + 0.5 * r.commitment_loss
+        return (r.quantized, r.indices, r.loss, r.perplexity) + torch.autograd.grad(loss, (zz, cc))
+
+    fast = run()
+    monkeypatch.setattr(ref_vq, "_no_nan_rows", lambda nan: False)
+    monkeypatch.setattr(ref_vq, "_no_nan_indices", lambda idx: False)
+    for a, b in zip(fast, run()):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def test_cosine_distance():
     z, cb = _data(40, 9, 5, dtype=torch.float32)
     expected = (F.normalize(z, dim=1) @ F.normalize(cb, dim=1).t()).argmax(1)

@@ -57,14 +57,28 @@ def _search(zr: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return idx, nan, cbf
 
 
+def _no_nan_rows(nan: torch.Tensor) -> bool:
+    """True when no row's distances were NaN (`nan`: the search's per-row flags), where the host can read that
+    without a device synchronisation (CPU tensors): such a batch skips the -1 masking and the extra slot.
+    False elsewhere: mask anyway."""
+    return nan.is_cpu and not nan.any()
+
+
+def _no_nan_indices(idx: torch.Tensor) -> bool:
+    """True when no index is -1 (a NaN row), where the host can read that without a synchronisation (CPU)."""
+    return idx.is_cpu and int(idx.min()) >= 0
+
+
 def _slots(idx: torch.Tensor, k: int) -> torch.Tensor:
     """Indices as slots of k + 1 per-code accumulators: index -1 (a NaN row) becomes k (-1 mod k + 1), the extra
     slot that is dropped."""
     return idx.remainder(k + 1)
 
 
-def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Codes for each index, NaN rows for -1."""
+def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, none_nan: bool) -> torch.Tensor:
+    """Codes for each index, NaN rows for -1 (none when `none_nan`)."""
+    if none_nan:
+        return _f(cb, dtype).index_select(0, idx)
     return _f(cb, dtype)[idx].masked_fill_((idx < 0).unsqueeze(1), float("nan"))
 
 
@@ -87,14 +101,20 @@ def nearest_code(z, codebook, dim, precision):
 def vq_forward(z, codebook, dim, precision, with_sums):
     zr = rows(z, dim)
     idx, nan, cbf = _search(zr, codebook)
-    e = cbf.index_select(0, idx.view(-1)).masked_fill_(nan, float("nan"))
+    e = cbf.index_select(0, idx.view(-1))
     zf = _f(zr, cbf.dtype)
-    sq_err = torch.sub(e, zf).square_().sum()
     k = codebook.shape[0]
-    idx.masked_fill_(nan, -1)
-    slot = _slots(idx, k).view(-1)
-    counts = torch.bincount(slot, minlength=k + 1)[:k]
-    sums = scatter_rows(slot, zf, k + 1)[:k] if with_sums else None
+    if _no_nan_rows(nan):
+        slot, slots = idx.view(-1), k
+    else:  # NaN rows: NaN codes, index -1, counted in an extra slot that is dropped
+        e.masked_fill_(nan, float("nan"))
+        idx.masked_fill_(nan, -1)
+        slot, slots = _slots(idx, k).view(-1), k + 1
+    sq_err = torch.sub(e, zf).square_().sum()
+    counts = torch.bincount(slot, minlength=slots)
+    sums = scatter_rows(slot, zf, slots) if with_sums else None
+    if slots > k:
+        counts, sums = counts[:k], (None if sums is None else sums[:k])
     quantized = unrows(_f(e, z.dtype), z, dim)
     return quantized, idx.view(index_shape(z, dim)), sq_err, counts, sums
 
@@ -117,7 +137,8 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     acc = acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
     zr = _f(rows(z, dim), acc)
     idx = indices.reshape(-1)
-    e = _gather(codebook, idx, acc)
+    none_nan = _no_nan_indices(idx)
+    e = _gather(codebook, idx, acc, none_nan)
     scale = 2.0 / z.numel() if z.numel() else 0.0
     dz = None
     if dq is not None:
@@ -134,5 +155,6 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     if d_codebook is not None:  # scale * d_codebook * (e - z), summed by code
         k = codebook.shape[0]
         diff = e_minus_z.mul_(_f(d_codebook, acc) * scale)
-        dcb = _f(scatter_rows(_slots(idx, k), diff, k + 1)[:k], codebook.dtype)
+        sums = scatter_rows(idx, diff, k) if none_nan else scatter_rows(_slots(idx, k), diff, k + 1)[:k]
+        dcb = _f(sums, codebook.dtype)
     return unrows(_f(dz, z.dtype), z, dim), dcb
