@@ -90,7 +90,7 @@ def _save_png(path: str, rows: dict[str, torch.Tensor]) -> None:
     plt.close(fig)
 
 
-def run(steps: int = 300, out_dir: str = "demo_out", device: str | None = None, timing_steps: int = 20) -> dict:
+def run(steps: int = 300, out_dir: str = "demo_out", device: str | None = None, timing_steps: int = 40) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = _backend.resolve_name("vq_fwd", dev)
     print(f"vaekernels demo on {dev} with the {backend!r} backend (available: {_backend.available_backends()})")
