@@ -75,9 +75,9 @@ def _slots(idx: torch.Tensor, k: int) -> torch.Tensor:
     return idx.remainder(k + 1)
 
 
-def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, none_nan: bool) -> torch.Tensor:
-    """Codes for each index, NaN rows for -1 (none when `none_nan`)."""
-    if none_nan:
+def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, no_nan: bool) -> torch.Tensor:
+    """Codes for each index, NaN rows for -1 (there are none when `no_nan`)."""
+    if no_nan:
         return _f(cb, dtype).index_select(0, idx)
     return _f(cb, dtype)[idx].masked_fill_((idx < 0).unsqueeze(1), float("nan"))
 
@@ -137,8 +137,8 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     acc = acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
     zr = _f(rows(z, dim), acc)
     idx = indices.reshape(-1)
-    none_nan = _no_nan_indices(idx)
-    e = _gather(codebook, idx, acc, none_nan)
+    no_nan = _no_nan_indices(idx)
+    e = _gather(codebook, idx, acc, no_nan)
     scale = 2.0 / z.numel() if z.numel() else 0.0
     dz = None
     if dq is not None:
@@ -155,6 +155,6 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     if d_codebook is not None:  # scale * d_codebook * (e - z), summed by code
         k = codebook.shape[0]
         diff = e_minus_z.mul_(_f(d_codebook, acc) * scale)
-        sums = scatter_rows(idx, diff, k) if none_nan else scatter_rows(_slots(idx, k), diff, k + 1)[:k]
+        sums = scatter_rows(idx, diff, k) if no_nan else scatter_rows(_slots(idx, k), diff, k + 1)[:k]
         dcb = _f(sums, codebook.dtype)
     return unrows(_f(dz, z.dtype), z, dim), dcb
