@@ -10,6 +10,7 @@ code and summing each code's rows in order, instead of float atomics.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -259,12 +260,13 @@ def _search(zc, n, d, m, dm, codebook, precision, epilogue, with_sums):
     k = cb.shape[0]
     norms = cb.float().pow(2).sum(1)
     idx = torch.empty(n, dtype=torch.int64, device=zc.device)
-    # outputs the launch does not write get their own 1-element stand-ins: the autotuner zeroes the
-    # reset_to_zero arguments between trials, so they must never alias an input such as the norms
+    # outputs the launch does not write get their own 1-element stand-ins, left unfilled (no fill launch): the
+    # autotuner zeroes the reset_to_zero arguments between trials, so they must never alias an input such as the norms
+    stand_in = functools.partial(torch.empty, 1, device=zc.device)
     q = torch.empty_like(zc) if epilogue else zc.new_empty(1)
-    sq = torch.zeros(triton.cdiv(n, 16) if epilogue else 1, dtype=torch.float32, device=zc.device)
-    counts = torch.zeros(k if epilogue else 1, dtype=torch.int64, device=zc.device)
-    sums = torch.zeros(cb.shape if with_sums else (1,), dtype=torch.float32, device=zc.device)
+    sq = torch.zeros(triton.cdiv(n, 16), dtype=torch.float32, device=zc.device) if epilogue else stand_in()
+    counts = torch.zeros(k, dtype=torch.int64, device=zc.device) if epilogue else stand_in(dtype=torch.int64)
+    sums = torch.zeros(cb.shape, dtype=torch.float32, device=zc.device) if with_sums else stand_in()
     block_d = _block_d(d)
     _search_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         zc, cb, norms, idx, q, sq, counts, sums, n, k, d, m, dm, _bucket(k), _bucket(d),
