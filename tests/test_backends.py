@@ -106,6 +106,68 @@ def test_kl_is_bitwise_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+# what a step may do besides launching kernels: allocate, read the host-side seed (int(seed): on CUDA tensors a CPU
+# tensor, see test_gaussian's test_cuda_seed_is_drawn_on_the_host_from_the_cuda_generator), draw that seed (on CPU
+# tensors with torch.randint; CUDA tensors take it from the generator's Philox state without a launch) and hand
+# autograd its gradients
+_NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::item",
+              "aten::_local_scalar_dense", "aten::detach", "aten::randint", "aten::random_"}
+
+
+def _kernels(monkeypatch, step) -> tuple[list[str], list[str]]:
+    """(kernels, other ATen ops) of one call of `step`: on a GPU every CUDA kernel (torch.profiler); on the CPU the
+    Triton launches (the interpreter's, recorded instead of run: only the count matters here) and every ATen op
+    the profiler sees that would launch a kernel on a GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA], []
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return launches, [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in _NO_KERNEL]
+
+
+@pytest.mark.skipif(tvq is None, reason="triton is not installed")
+def test_reparameterize_kl_step_is_two_kernel_launches(monkeypatch):
+    """Issue 12's GPU budget: reparameterize_kl forward+backward at 64x128 on the Triton backend launches two
+    kernels (the fused forward and the fused backward) and nothing else; on the CPU, the interpreter twin."""
+    mu, lv = _tensor((64, 128), torch.float32, 0), _tensor((64, 128), torch.float32, 1)
+    grads = (torch.ones_like(mu), torch.ones((), device=DEVICE))
+
+    def step():
+        mu.grad = lv.grad = None  # accumulating into existing gradients would add a kernel of autograd's own
+        torch.autograd.backward(vk.reparameterize_kl(mu, lv), grads)
+
+    with vk.use_backend("triton"):
+        step()  # compile and warm up outside the count
+        kernels, aten = _kernels(monkeypatch, step)
+    assert len(kernels) == 2 and aten == [], (kernels, aten)
+    if not HAS_CUDA:
+        assert kernels == ["_forward_kernel", "_backward_kernel"]
+
+
+@pytest.mark.skipif(tvq is None, reason="triton is not installed")
+@pytest.mark.parametrize("op", ["nearest_code", "vector_quantize"])
+def test_search_fills_only_what_it_accumulates(monkeypatch, op):
+    """The Triton search zero-fills only the outputs its launch accumulates into (counts and squared errors of
+    vector_quantize); nearest_code's launch writes indices only, so it fills nothing."""
+    z, cb = torch.randn(50, 8, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    with vk.use_backend("triton"), torch.no_grad():
+        getattr(vk, op)(z, cb)
+        kernels, aten = _kernels(monkeypatch, lambda: getattr(vk, op)(z, cb))
+    fills = [n for n in kernels if "Fill" in n] + [n for n in aten if n == "aten::zeros"]  # GPU kernels, CPU calls
+    assert len(fills) == (0 if op == "nearest_code" else 2), (kernels, aten)
+
+
 VQ_CASES = [  # (shape, dim, K): tails in N, K and D; channel-first; D over one tile; D = 1
     ((37, 5), -1, 7),
     ((3, 6, 5, 4), 1, 33),
