@@ -43,7 +43,6 @@ import _measure  # noqa: E402
 from run import EAGER_FORMULAS, device_tag, make_step, vk_formulas  # noqa: E402
 from shapes import OVERHEAD, Codes  # noqa: E402
 
-import vaekernels as vk  # noqa: E402
 from vaekernels.reference.philox import draw_seed  # noqa: E402
 
 OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl", "nearest_code", "vector_quantize")
@@ -59,11 +58,17 @@ def _steps(op: str, shape, device: torch.device) -> dict:
         cb = torch.randn(shape.codes, shape.d, generator=g).to(device).requires_grad_(grad)
         args, leaves = (z, cb, shape.dim), [z, cb]
     else:
-        mu = torch.randn(shape.shape, generator=g).to(device).requires_grad_(grad)
-        lv = (0.5 * torch.randn(shape.shape, generator=g)).to(device).requires_grad_(grad)
-        args, leaves = (mu, lv), [mu, lv]
+        args = leaves = _latents(shape.shape, device, grad)
     formulas = {"eager": EAGER_FORMULAS[op], "vaekernels": vk_formulas("exact")[op]}
     return {name: make_step(lambda f=f: f(*args), leaves, mode) for name, f in formulas.items()}
+
+
+def _latents(shape: tuple, device: torch.device, grad: bool = True) -> list[torch.Tensor]:
+    """[mu, logvar] of `shape`, the same fresh values for every comparison."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(shape, generator=g).to(device).requires_grad_(grad)
+    logvar = (0.5 * torch.randn(shape, generator=g)).to(device).requires_grad_(grad)
+    return [mu, logvar]
 
 
 def _per_call_s(step, device: torch.device, calls: int, synchronise: bool = True) -> float:
@@ -170,7 +175,7 @@ def floor_formulas(device: torch.device) -> dict:
         "eager": EAGER_FORMULAS["reparameterize"],
         "bare Function": lambda mu, logvar: [_Bare.apply(mu, logvar, None, None)],
         "bare Function + seed": with_seed,
-        "vaekernels": lambda mu, logvar: [vk.reparameterize(mu, logvar)],
+        "vaekernels": vk_formulas("exact")["reparameterize"],
     }
 
 
@@ -178,12 +183,8 @@ def floor(device: torch.device, rounds: int, sizes: list[str]) -> list[dict]:
     """--floor's rows: per size, µs per forward+backward and ratio to eager of each of floor_formulas."""
     rows = []
     for size in sizes:
-        shape = OVERHEAD[size][0].shape
-        g = torch.Generator().manual_seed(0)
-        mu = torch.randn(shape, generator=g).to(device).requires_grad_()
-        logvar = (0.5 * torch.randn(shape, generator=g)).to(device).requires_grad_()
-        steps = {name: make_step(lambda f=f: f(mu, logvar), [mu, logvar], "fwdbwd")
-                 for name, f in floor_formulas(device).items()}
+        leaves = _latents(OVERHEAD[size][0].shape, device)
+        steps = {name: make_step(lambda f=f: f(*leaves), leaves, "fwdbwd") for name, f in floor_formulas(device).items()}
         t = compare_speed(steps, device, rounds)
         row = {"size": size, "us": {name: 1e6 * s for name, s in t.items()},
                "ratio": {name: t["eager"] / s for name, s in t.items()}}
