@@ -85,7 +85,7 @@ def test_figures_and_markdown(quick_run):
 
 
 @pytest.mark.slow
-def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
+def test_docs_block_is_generated_between_its_markers(quick_run, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import run
 
@@ -95,13 +95,13 @@ def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
     for op in ("reparameterize", "gaussian_kl", "nearest_code", "vector_quantize", "VectorQuantizer module"):
         assert f"| {op}" in block
     kind = data["meta"]["kind"]
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "performance.md"
     readme.write_text(f"before\n<!-- bench:{kind}:start -->\nold\n<!-- bench:{kind}:end -->\nafter\n")
-    run.update_readme(str(readme), kind, block)
+    run.update_block(str(readme), kind, block)
     text = readme.read_text()
     assert "old" not in text and block in text and text.startswith("before\n") and text.endswith("after\n")
     with pytest.raises(SystemExit, match="no <!-- bench:other:start -->"):
-        run.update_readme(str(readme), "other", block)
+        run.update_block(str(readme), "other", block)
 
 
 def test_kmeans_bench_quick(tmp_path):
