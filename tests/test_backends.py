@@ -138,7 +138,7 @@ def _kernels(monkeypatch, step) -> tuple[list[str], list[str]]:
 
 @pytest.mark.skipif(tvq is None, reason="triton is not installed")
 def test_reparameterize_kl_step_is_two_kernel_launches(monkeypatch):
-    """Issue 12's GPU budget: reparameterize_kl forward+backward at 64x128 on the Triton backend launches two
+    """The GPU launch budget: reparameterize_kl forward+backward at 64x128 on the Triton backend launches two
     kernels (the fused forward and the fused backward) and nothing else; on the CPU, the interpreter twin."""
     mu, lv = _tensor((64, 128), torch.float32, 0), _tensor((64, 128), torch.float32, 1)
     grads = (torch.ones_like(mu), torch.ones((), device=DEVICE))
