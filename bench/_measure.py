@@ -24,17 +24,6 @@ LONG_S = 2.0  # CPU steps longer than this are timed twice only (the full-size h
 _L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100: 50 MB)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
-# dense vendor peaks in TFLOP/s (no structured sparsity): (name fragment, fp32, tf32); first match wins
-PEAK_TFLOPS = (
-    ("H100 PCIe", 51.2, 378.0),
-    ("H100 NVL", 60.0, 417.5),
-    ("H200 NVL", 60.0, 417.5),
-    ("H100", 66.9, 494.7),
-    ("H200", 66.9, 494.7),
-    ("A100", 19.5, 156.0),
-)
-
-
 def summarize(samples_ms: list[float]) -> dict:
     """Median with the interquartile range and the extremes of a list of times in milliseconds."""
     s = sorted(samples_ms)
@@ -251,11 +240,15 @@ def count_kernels(step) -> dict:
 
 
 def peak_tflops(device_name: str) -> dict | None:
-    """{"fp32": ..., "tf32": ...} dense peak TFLOP/s for a known GPU name, else None."""
-    for fragment, fp32, tf32 in PEAK_TFLOPS:
-        if fragment in device_name:
-            return {"fp32": fp32, "tf32": tf32, "matched": fragment}
-    return None
+    """{"fp32": ..., "tf32": ..., "bf16": ...} dense peak TFLOP/s for a known GPU name (bench/roofline.py's table),
+    else None."""
+    import roofline
+
+    key = roofline.device_named(device_name)
+    if key is None:
+        return None
+    dev = roofline.DEVICES[key]
+    return {unit: dev[unit] / 1e12 for unit in ("fp32", "tf32", "bf16")} | {"matched": dev["match"]}
 
 
 def _nvidia_driver() -> str:

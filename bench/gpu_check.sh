@@ -16,9 +16,11 @@
 #       bench      bench/run.py --first-contact (one shape per op: times, % of the copy bandwidth, kernel launches)
 #                  and bench/patch_memory.py on vector-quantize-pytorch's default VectorQuantize, patched or not;
 #                  the Triton search untuned (its first config); bench/overhead.py at 64x128: every op against its
-#                  eager formula, host µs per call and kernel launches
+#                  eager formula, host µs per call and kernel launches; bench/roofline.py --measured: each
+#                  Triton search time against its roofline prediction
 #       sanitizer  compute-sanitizer memcheck over the smoke test
-#     <name>-first-contact-summary.json says which stages ran, passed or failed, and how long each took.
+#     <name>-first-contact-summary.json says which stages ran, passed or failed, and how long each took, and
+#     holds the search's measured-against-predicted times ("roofline") once the bench stage has written them.
 #   bash bench/gpu_check.sh plan
 #     The first-contact stages, one line each, in run order: `<stage> <time limit in seconds> <command>`.
 #   bash bench/gpu_check.sh [STAGE ...]
@@ -63,7 +65,8 @@ first_bench="$untuned"' bench/run.py --first-contact --no-progress --competitors
 first_bench+='vector-quantize-pytorch,diffusers --json "$NAME-first-contact-bench.json"'
 first_bench+=' && '"$untuned"' bench/patch_memory.py --case vqpytorch-16384x256'
 first_bench+=' --json "$NAME-first-contact-patch.json" && "$PY" bench/overhead.py --sizes 64x128 --rounds 5'
-first_bench+=' --json "$NAME-first-contact-overhead.json"'
+first_bench+=' --json "$NAME-first-contact-overhead.json" && "$PY" bench/roofline.py --measured'
+first_bench+=' "$NAME-first-contact-bench.json" --json "$NAME-first-contact-roofline.json"'
 
 # The first-contact stages in run order: stage, time limit in seconds (540 in all), command. The sanitizer checks
 # every kernel the smoke test launches, Triton's included.
@@ -189,7 +192,12 @@ write_summary() {  # the summary JSON, in bench/results and OUT: each stage's li
         "$(json "${commands[i]}")"
       sep=","
     done
-    printf '\n ]\n}\n'
+    printf '\n ]'
+    if [ "$mode" = first-contact ] && [ -s "$NAME-first-contact-roofline.json" ]; then
+      printf ',\n "roofline": '
+      cat "$NAME-first-contact-roofline.json"
+    fi
+    printf '\n}\n'
   } > "$summary"
   [ -z "${OUT:-}" ] || cp "$summary" "$OUT/"
 }

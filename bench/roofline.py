@@ -2,6 +2,7 @@
 over the SMs, FLOPs and bytes, the compute and memory bounds and the time at the bound.
 
     python bench/roofline.py [--device h200] [--json OUT.json]
+    python bench/roofline.py --measured BENCH.json [--json OUT.json]   (a GPU bench run against its prediction)
 
 The model counts what the kernels must do, not what they happen to do: the search's 2 N K D multiply-add FLOPs on
 the unit its precision uses (float32 CUDA cores for "exact", TF32 or BF16 tensor cores), and HBM bytes for reading
@@ -21,17 +22,34 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Dense (no sparsity) peaks and HBM bandwidth from NVIDIA's datasheets: H100 SXM5 and H200 SXM (Hopper: FP32 67
-# TFLOPS, TF32 495, BF16 989; HBM3 3.35 TB/s, HBM3e 4.8 TB/s), A100 SXM4 80 GB (FP32 19.5, TF32 156, BF16 312;
-# HBM2e 2.039 TB/s). L2: 50 MB (H100/H200), 40 MB (A100).
+# Dense (no sparsity) peaks in FLOP/s and HBM bandwidth in B/s from NVIDIA's datasheets: H100 SXM5 and H200 SXM
+# (FP32 67 TFLOPS, TF32 495, BF16 989; HBM3 3.35 TB/s, HBM3e 4.8 TB/s), H100 PCIe (114 SMs; 51.2, 378, 756;
+# HBM2e 2 TB/s), H100 NVL and H200 NVL (60, 417.5, 835; 3.9 and 4.8 TB/s), A100 SXM4 80 GB (19.5, 156, 312; HBM2e
+# 2.039 TB/s). L2: 50 MB (H100/H200), 40 MB (A100). `match` is the fragment of torch.cuda.get_device_name that
+# names the part; the more specific parts come first (`device_named`). The one table of device figures: the
+# benchmarks' fractions of peak (bench/_measure.py) come from it too.
 DEVICES = {
-    "h100": {"name": "NVIDIA H100 SXM5", "sms": 132, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12,
+    "h100-pcie": {"name": "NVIDIA H100 PCIe", "match": "H100 PCIe", "sms": 114, "fp32": 51.2e12, "tf32": 378e12,
+                  "bf16": 756e12, "hbm": 2.0e12, "l2": 50e6},
+    "h100-nvl": {"name": "NVIDIA H100 NVL", "match": "H100 NVL", "sms": 132, "fp32": 60e12, "tf32": 417.5e12,
+                 "bf16": 835e12, "hbm": 3.9e12, "l2": 50e6},
+    "h200-nvl": {"name": "NVIDIA H200 NVL", "match": "H200 NVL", "sms": 132, "fp32": 60e12, "tf32": 417.5e12,
+                 "bf16": 835e12, "hbm": 4.8e12, "l2": 50e6},
+    "h100": {"name": "NVIDIA H100 SXM5", "match": "H100", "sms": 132, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12,
              "hbm": 3.35e12, "l2": 50e6},
-    "h200": {"name": "NVIDIA H200 SXM", "sms": 132, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12,
+    "h200": {"name": "NVIDIA H200 SXM", "match": "H200", "sms": 132, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12,
              "hbm": 4.8e12, "l2": 50e6},
-    "a100": {"name": "NVIDIA A100 SXM4 80GB", "sms": 108, "fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12,
-             "hbm": 2.039e12, "l2": 40e6},
+    "a100": {"name": "NVIDIA A100 SXM4 80GB", "match": "A100", "sms": 108, "fp32": 19.5e12, "tf32": 156e12,
+             "bf16": 312e12, "hbm": 2.039e12, "l2": 40e6},
 }
+PREDICTED = ("h100", "h200", "a100")  # the devices the table of predictions covers by default
+
+
+def device_named(name: str) -> str | None:
+    """The DEVICES key of a device name as torch.cuda.get_device_name gives it (None for a part not listed)."""
+    return next((key for key, dev in DEVICES.items() if dev["match"] in name), None)
+
+
 # the nearest_code cases the GPU benchmark runs (bench/shapes.py's gpu sizes): rows N, codes K, dims D
 CASES = [("vqgan", 4096, 16384, 256), ("llamagen", 2048, 16384, 8), ("rvq level", 750, 1024, 128),
          ("large", 16384, 16384, 256)]
@@ -76,21 +94,58 @@ def predict(device: str, case: str, n: int, k: int, d: int, precision: str) -> l
     return out
 
 
+def against_measured(bench: dict) -> list[dict]:
+    """The Triton search's measured times in a bench run (bench/run.py --json) against the prediction for its
+    device: one row per forward of nearest_code or vector_quantize measured on the Triton backend, the ratio
+    measured / predicted (the sum of its kernels' bounds; vector_quantize's epilogue adds little)."""
+    name = bench["meta"].get("device", "")
+    key = device_named(name)
+    if key is None:
+        raise SystemExit(f"bench/roofline.py has no datasheet figures for {name!r}: add it to DEVICES")
+    out = []
+    for r in bench["results"]:
+        if (r["op"] in ("nearest_code", "vector_quantize") and r["mode"] == "fwd" and r["backend"] == "triton"
+                and r["status"] == "ok"):
+            dims = r["dims"]
+            kernels = predict(key, r["set"], dims["N"], dims["K"], dims["D"], r["precision"])
+            predicted = sum(p.bound_us for p in kernels)
+            measured = r["times_ms"]["median"] * 1e3
+            out.append({"device": key, "op": r["op"], "case": r["set"], "shape": r["shape"],
+                        "precision": r["precision"], "measured_us": measured, "predicted_us": predicted,
+                        "ratio": measured / predicted, "search_waves": kernels[1].waves})
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=sorted(DEVICES), nargs="+", default=sorted(DEVICES))
-    parser.add_argument("--json", help="write the predictions here")
+    parser.add_argument("--device", choices=sorted(DEVICES), nargs="+", default=list(PREDICTED))
+    parser.add_argument("--measured", metavar="BENCH.json", help="compare a bench run's Triton search times "
+                        "(bench/run.py --json) with the prediction for its device instead")
+    parser.add_argument("--json", help="write the predictions (or the comparison) here")
     args = parser.parse_args(argv)
-    rows = [p for dev in args.device for case, n, k, d in CASES for precision in UNIT
-            for p in predict(dev, case, n, k, d, precision)]
-    print("| device | case | precision | kernel | grid | waves | GFLOP | MB | compute µs | memory µs | bound µs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for p in rows:
-        print(f"| {p.device} | {p.case} | {p.precision} | {p.kernel} | {p.grid} | {p.waves:.2f} | {p.flops / 1e9:.3f} "
-              f"| {p.bytes / 1e6:.2f} | {p.compute_us:.1f} | {p.memory_us:.1f} | {p.bound_us:.1f} |")
+    if args.measured:
+        with open(args.measured) as f:
+            rows = against_measured(json.load(f))
+        print("| device | op | case | shape | precision | measured µs | predicted µs | ratio | search waves |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            far = " (far from its bound)" if r["ratio"] > 2 else ""
+            print(f"| {r['device']} | {r['op']} | {r['case']} | {r['shape']} | {r['precision']} | "
+                  f"{r['measured_us']:.1f} | {r['predicted_us']:.1f} | {r['ratio']:.2f}×{far} | "
+                  f"{r['search_waves']:.2f} |")
+    else:
+        rows = [asdict(p) for dev in args.device for case, n, k, d in CASES for precision in UNIT
+                for p in predict(dev, case, n, k, d, precision)]
+        print("| device | case | precision | kernel | grid | waves | GFLOP | MB | compute µs | memory µs "
+              "| bound µs |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for p in rows:
+            print(f"| {p['device']} | {p['case']} | {p['precision']} | {p['kernel']} | {p['grid']} | {p['waves']:.2f} "
+                  f"| {p['flops'] / 1e9:.3f} | {p['bytes'] / 1e6:.2f} | {p['compute_us']:.1f} | {p['memory_us']:.1f} "
+                  f"| {p['bound_us']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(p) for p in rows], f, indent=1)
+            json.dump(rows, f, indent=1)
     return 0
 
 

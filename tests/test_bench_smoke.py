@@ -173,7 +173,7 @@ def test_roofline_predicts_every_case_kernel_and_device(tmp_path):
     out = tmp_path / "roofline.json"
     assert roofline.main(["--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == len(roofline.DEVICES) * len(roofline.CASES) * 3 * 3
+    assert len(rows) == len(roofline.PREDICTED) * len(roofline.CASES) * 3 * 3
     for r in rows:
         assert r["waves"] == pytest.approx(r["grid"] / roofline.DEVICES[r["device"]]["sms"])
         assert r["bound_us"] == max(r["compute_us"], r["memory_us"]) > 0
@@ -185,3 +185,40 @@ def test_roofline_predicts_every_case_kernel_and_device(tmp_path):
         # two waves of programs, or every split already down to one 128-code tile
         n, k = sizes[case]
         assert r["grid"] >= min(2 * roofline.DEVICES[device]["sms"], math.ceil(n / 64) * math.ceil(k / 128))
+
+
+def test_roofline_compares_a_gpu_bench_run_with_its_prediction(tmp_path):
+    """bench/roofline.py --measured: each Triton search forward of a bench run against the prediction for the
+    run's device (found by name), other rows left out; an unknown device is refused by name."""
+    from bench import roofline
+
+    row = {"op": "nearest_code", "mode": "fwd", "set": "llamagen", "shape": "N=65536 D=8 K=16384",
+           "backend": "triton", "precision": "exact", "status": "ok", "times_ms": {"median": 2.0},
+           "dims": {"N": 65536, "D": 8, "K": 16384}}
+    others = [dict(row, backend="torch"), dict(row, mode="fwdbwd"), dict(row, status="skipped")]
+    bench = {"meta": {"device": "NVIDIA H100 80GB HBM3"}, "results": [row, *others]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    out = tmp_path / "roofline.json"
+    assert roofline.main(["--measured", str(tmp_path / "bench.json"), "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    predicted = sum(p.bound_us for p in roofline.predict("h100", "llamagen", 65536, 16384, 8, "exact"))
+    assert r["device"] == "h100" and r["predicted_us"] == pytest.approx(predicted)
+    assert r["ratio"] == pytest.approx(2000.0 / predicted)
+    assert roofline.device_named("NVIDIA H100 PCIe") == "h100-pcie" and roofline.device_named("NVIDIA H200") == "h200"
+    bench["meta"]["device"] = "NVIDIA L4"
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    with pytest.raises(SystemExit, match="NVIDIA L4"):
+        roofline.main(["--measured", str(tmp_path / "bench.json")])
+
+
+def test_flagged_fraction_bench_separates_random_from_clustered_codebooks():
+    """bench/flagged.py: random codes leave no row flagged; near-duplicate codes within the bf16 bound of one another
+    flag the rows near them (the cost of the guarantee the bench reports)."""
+    from bench import flagged
+
+    cpu = torch.device("cpu")
+    random = flagged.measure(16, 256, 32, "random", "bf16", cpu, 2)
+    crowded = flagged.measure(16, 256, 32, "64 per centre at 2%", "bf16", cpu, 2)
+    assert random["flagged"] == 0 and random["splits"] == 2
+    assert crowded["fraction"] > 0.5 and crowded["codebook"] == "64 per centre at 2%"
+    assert flagged.measure(16, 256, 32, "64 per centre at 2%", "exact", cpu, 1)["flagged"] == 0

@@ -90,6 +90,23 @@ def test_fast_precisions_equal_exact_on_close_calls(precision, splits, monkeypat
     assert torch.equal(exact[clear], d64.argmin(1)[clear])
 
 
+@pytest.mark.parametrize("precision", ["exact", "bf16"])
+def test_a_full_candidate_list_drops_passed_codes(precision):
+    """Codes met in order of decreasing distance make every tile a new running minimum, each kept as a candidate:
+    the list fills after a few tiles, and a row is flagged only if the codes it holds are still within the bound.
+    Here none are (the codes are well apart): no row is flagged, and the indices are float64's."""
+    g = torch.Generator().manual_seed(0)
+    k, d = 1024, 8  # 32 tiles of the interpreter's 32 codes
+    directions = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    cb = directions * torch.linspace(2.0, 1.0, k)[:, None]  # farther codes first
+    z = 1e-4 * torch.randn(24, d, generator=g)
+    z, cb = z.to(DEVICE), cb.to(DEVICE)
+    with vk.use_backend("triton"):
+        assert tvq.flagged_rows(z, cb, precision=precision) == 0
+        found = vk.nearest_code(z, cb, precision=precision)
+    assert torch.equal(found, torch.cdist(z.double(), cb.double()).argmin(1))
+
+
 def test_exact_search_flags_duplicated_codes():
     """A codebook of identical codes (a fresh zero codebook) puts every code within the bound of the best: every
     row is flagged, and the re-search returns the lowest index, as float64 would."""

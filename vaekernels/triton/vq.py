@@ -26,10 +26,11 @@ so, with A_z = ||z|| + ||r_z|| (>= ||z||, ||z~||) and A_e likewise, |d~ - c| <=
 times a safety factor for the float32 evaluation of the norms and of the bound itself. u = 2^-23 (twice float32's
 unit roundoff: covers truncating hardware) and 2^-22 for tensor-core accumulation. "bf16" rounds in the kernel, so
 ||r_z|| and ||r_e|| are measured exactly; "tf32" leaves the rounding to the tensor cores (truncation or
-round-to-nearest), bounded by 2^-10 ||x||; "exact" has none. Candidates beyond CANDIDATES per row and split flag the
-row for the canonical re-search, so the result holds on any data: tensor cores serve the easy rows, the bound the
-hard ones. In PyTorch's deterministic mode, per-code float sums are taken by sorting rows by code and summing each
-code's rows in order, instead of float atomics.
+round-to-nearest), bounded by 2^-10 ||x||; "exact" has none. A full candidate list first drops the codes that U has
+since passed (`_compact`); candidates beyond CANDIDATES per row and split still within U flag the row for the
+canonical re-search, so the result holds on any data: tensor cores serve the easy rows, the bound the hard ones.
+In PyTorch's deterministic mode, per-code float sums are taken by sorting rows by code and summing each code's rows
+in order, instead of float atomics.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from ._common import _wide, reduce_rows, row_layout
 
 _PRECISION = {"exact": 0, "tf32": 1, "bf16": 2}
 _EPS = 1e-6  # vector-quantize-pytorch's safe-division epsilon for the rotation trick
-CANDIDATES = 8  # codes kept per row and split for the canonical re-scoring; more flag the row
+CANDIDATES = 16  # codes kept per row and split for the canonical re-scoring; more flag the row
 _UNIT = 2.0**-23  # float32 rounding, twice the unit roundoff (round-to-nearest or truncation)
 _ACC_UNIT = 2.0**-22  # tensor-core float32 accumulation (some truncate and normalise late)
 _TF32_REL = 2.0**-10  # |x - tf32(x)| <= 2^-10 |x|, truncated or rounded
@@ -58,11 +59,13 @@ _SAFETY = 1.25  # float32 evaluation of the norms and of the bound itself
 _NATIVE_BF16 = tl.constexpr(not triton_interpreted())
 
 
-# (BLOCK_N, BLOCK_K, warps, stages) the GPU autotuner tries, per K and D bucket and split count
+# (BLOCK_N, BLOCK_K, warps, stages) the GPU autotuner tries, per K and D bucket and split count; the first is the
+# untuned choice. The window test holds several BLOCK_N x BLOCK_K tiles per thread: with 4 warps, or 16 (128
+# registers each), or tiles of 8192, ptxas spilled 40 B to 1 KB per thread (sm_80/sm_90). The first spills
+# nothing in any variant, the others at most 24 bytes in a few (tests/test_triton_compile.py).
 SEARCH_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                  for bn, bk, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3),
-                                       (128, 32, 4, 4), (32, 128, 4, 4), (32, 64, 4, 3)]]
-_SPLIT_BLOCK_N = 64  # the row block the split count assumes (autotuned configs use 32 to 128)
+                  for bn, bk, w, s in [(64, 64, 8, 1), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]]
+_SPLIT_BLOCK_N = 64  # the row block the split count assumes (autotuned configs use 32 and 64)
 _SPLIT_MIN_CODES = 128  # codes per split at least: one widest tile
 _FINISH_ROWS = 32  # rows per program of the re-search and finish kernels
 _RESEARCH_CODES = 64
@@ -176,6 +179,26 @@ def _split_range(split, splits, K, BLOCK: tl.constexpr):
     return begin, tl.minimum(K, begin + per)
 
 
+@triton.jit
+def _compact(cand_ptr, lo_ptr, out, count, full, upper, CAND: tl.constexpr):
+    """Rows whose candidate list would overflow (`full`) drop the candidates that U has since passed (d~ - B > U),
+    keeping the rest in code order; returns the new counts. A row's list fills only through codes met while U was
+    still loose (every new running minimum is kept), so without this a sweep over many tiles would flag rows whose
+    final window holds one code."""
+    slots = tl.arange(0, CAND)
+    at = out[:, None] * CAND + slots[None, :]
+    held = (slots[None, :] < count[:, None]) & full[:, None]
+    tl.debug_barrier()  # this program's earlier candidate stores, from other threads, are visible
+    lo = tl.load(lo_ptr + at, mask=held, other=float("inf"), volatile=True)  # volatile: not from a stale cache
+    code = tl.load(cand_ptr + at, mask=held, other=0, volatile=True)
+    keep = held & (lo <= upper[:, None])
+    to = out[:, None] * CAND + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    tl.debug_barrier()  # every slot is read before any is overwritten
+    tl.store(cand_ptr + to, code, mask=keep)
+    tl.store(lo_ptr + to, lo, mask=keep)
+    return tl.where(full, tl.sum(keep.to(tl.int32), axis=1), count)
+
+
 @triton.autotune(configs=_search_configs(), key=["k_bucket", "d_bucket", "splits"])
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, stats_ptr, count_ptr, upper_ptr, lower_ptr, cand_ptr, lo_ptr,
@@ -225,6 +248,9 @@ def _search_kernel(z_ptr, cb_ptr, stats_ptr, count_ptr, upper_ptr, lower_ptr, ca
         near = ((lo <= upper[:, None]) & k_ok[None, :]).to(tl.int32)
         n_near = tl.sum(near, axis=1)
         if tl.max(n_near, axis=0) > 0:
+            full = (count + n_near > CAND) & (count <= CAND) & row_ok
+            if tl.max(full.to(tl.int32), axis=0) > 0:
+                count = _compact(cand_ptr, lo_ptr, out, count, full, upper, CAND)
             slot = count[:, None] + tl.cumsum(near, axis=1) - 1
             keep = (near > 0) & (slot < CAND) & row_ok[:, None]
             at = out[:, None] * CAND + slot
