@@ -42,6 +42,16 @@ def summarize(samples_ms: list[float]) -> dict:
     return {"median": statistics.median(s), "q25": q[0], "q75": q[2], "min": s[0], "max": s[-1], "n": len(s)}
 
 
+def fmt_time(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
+
+
+def fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def _runs(estimate_s: float, budget_s: float, min_runs: int, max_runs: int) -> int:
     return max(min_runs, min(max_runs, int(budget_s / max(estimate_s, 1e-6))))
 

@@ -118,16 +118,6 @@ def _launches(step, device):
     return {"launches": _measure.count_kernels(step)["kernels"]} if device.type == "cuda" else {}
 
 
-def _fmt_time(ms):
-    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
-
-
-def _fmt_mem(b):
-    if b is None:
-        return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
-
 def _row(case, results):
     orig, ours = results["original"], results["vaekernels"]
     row = {"case": case, **results}
@@ -142,7 +132,7 @@ def _cell(r):
     if r["status"] != "ok":
         return r["note"][:80], ""
     launches = f", {r['launches']} launches" if "launches" in r else ""
-    return _fmt_time(r["times_ms"]["median"]) + launches, _fmt_mem(r["peak_bytes"])
+    return _measure.fmt_time(r["times_ms"]["median"]) + launches, _measure.fmt_bytes(r["peak_bytes"])
 
 
 def main(argv=None) -> int:

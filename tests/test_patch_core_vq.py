@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -96,8 +97,14 @@ def test_audiocraft_quantizer_with_dropout():
                                          orthogonal_reg_max_codes=8)])
 def test_audiocraft_options(config):
     lib = audio_peers.load("audiocraft")
+    """channels_last runs fused; the orthogonal regulariser keeps VectorQuantization's own forward (with a warning
+    naming it) around the fused codebook."""
     make_input = (lambda: torch.randn(2, 24, DIM)) if config.get("channels_last") else _input()
-    assert_trains_the_same(lambda: _rvq(lib, kmeans_init=True, **config), make_input, lambda m, x: m(x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_trains_the_same(lambda: _rvq(lib, kmeans_init=True, **config), make_input, lambda m, x: m(x))
+    named = [w for w in caught if "orthogonal_reg_weight > 0" in str(w.message)]
+    assert bool(named) == ("orthogonal_reg_weight" in config), [str(w.message) for w in caught]
 
 
 CLASS_LEVEL = {  # package: (class, op, a training forward)

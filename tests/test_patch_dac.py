@@ -25,8 +25,8 @@ def _dac(quantizer_dropout, n_codebooks=4):
 def test_dac_residual_vector_quantize(quantizer_dropout):
     """Training draws torch.randint(1, n + 1, (B,)) every forward and runs every level (masked per sample);
     eval stops after n_quantizers levels."""
-    assert_trains_the_same(lambda: _dac(quantizer_dropout), lambda: torch.randn(4, DIM, 20), lambda m, x: m(x, n_quantizers=2),
-                           op="nearest_code")
+    assert_trains_the_same(lambda: _dac(quantizer_dropout), lambda: torch.randn(4, DIM, 20),
+                           lambda m, x: m(x, n_quantizers=2), op="nearest_code")
 
 
 @pytest.mark.parametrize("strides", [[1, 1, 1], [4, 2, 1]])

@@ -118,9 +118,9 @@ def _train(module, make_input, call, steps, seed):
 
 def assert_trains_the_same(make_module, make_input, call, *, steps=3, seed=0, op="vq_fwd"):
     """Build the module twice (make_module seeds its own initialisation; modules with torch.nn.utils.weight_norm
-    cannot be deep-copied), patch one, train both `steps` steps from the same seed (then an eval call), and check equal codes,
-    outputs, losses, gradients and buffers at every step, and that the patched run dispatched vaekernels::`op`.
-    Returns both, trained."""
+    cannot be deep-copied), patch one, train both `steps` steps from the same seed (then an eval call), and check
+    equal codes, outputs, losses, gradients and buffers at every step, and that the patched run dispatched
+    vaekernels::`op`. Returns both, trained."""
     original, patched = make_module(), vk.patch(make_module())
     assert any(vars(m).get("_vaekernels_patched") for m in patched.modules()), "nothing was patched"
     want, want_ops = _train(original, make_input, call, steps, seed)

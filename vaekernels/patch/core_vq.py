@@ -1,17 +1,18 @@
-"""The EnCodec lineage's EuclideanCodebook (core_vq.py in encodec, audiocraft and speechtokenizer, and the many
-repositories that copy that file): the codebook under VectorQuantization and ResidualVectorQuantization.
+"""The EnCodec lineage's quantizer (core_vq.py in encodec, audiocraft and speechtokenizer, and the many
+repositories that copy that file): EuclideanCodebook and VectorQuantization, the level of ResidualVectorQuantization.
 
-Only the codebook's methods are replaced, so what the packages do around it stays their own code: projections,
-the straight-through output and the [1]-shaped commitment loss, audiocraft's channels_last, orthogonal
-regulariser, detached residual and [B, K, T] codes, speechtokenizer's forward(x, n_q, layers).
-- init_embed_: vk.kmeans on the first training batch from the same initial sample (one randperm, or randint when
-  N < K, from the global generator); embed = embed_avg = means, cluster_size = the counts of the last iteration,
+The residual loops stay the packages' own code (audiocraft's detached levels, final straight-through and
+[B, K, T] codes, speechtokenizer's forward(x, n_q, layers) with its per-level outputs), and so do projections.
+- init_embed_: vk.kmeans on the first batch from the same initial sample (one randperm, or randint when N < K,
+  from the global generator); embed = embed_avg = means, cluster_size = the counts of the last iteration,
   inited set, then the buffer broadcast where the package's own init_embed_ makes one.
 - forward: one fused search with per-code counts and sums in place of the N x K distances, the one-hot and its
   matmul; codes are gathered from the codebook before this step's update. Then, as the original: the package's
   own expire_codes_ (previous cluster_size, its random draw and broadcast), EMA of cluster_size and embed_avg,
-  Laplace smoothing, embed = embed_avg / smoothed sizes.
-- quantize (encode and eval): the fused search.
+  Laplace smoothing, embed = embed_avg / smoothed sizes. VectorQuantization's forward also takes the
+  straight-through output and the [1]-shaped commitment loss from the fused op, which saves the input it already
+  holds (and a copy of the K x D codebook) instead of a quantized copy.
+- quantize (encode): the fused search.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from .._kmeans import lloyd
 from ..ops.vq import nearest_code, quantize_with_stats
-from ._base import Adapter
+from ._base import Adapter, snapshot
 
 _ATTRIBUTES = ("embed", "embed_avg", "cluster_size", "inited", "codebook_size", "kmeans_iters", "decay", "epsilon",
                "threshold_ema_dead_code")
@@ -47,7 +48,7 @@ class EuclideanCodebook(Adapter):
 
     def __init__(self, library: str, module: str, install_hint: str):
         self.library, self.module, self.install_hint = library, module, install_hint
-        self.name = f"{library} EuclideanCodebook"
+        self.name = "core_vq EuclideanCodebook"
 
     def is_target(self, klass):
         """Any class named EuclideanCodebook defining these methods and expire_codes_: the file is widely copied."""
@@ -70,25 +71,67 @@ class EuclideanCodebook(Adapter):
 
     def forward(self, cb, x):
         shape = x.shape
-        lib = sys.modules[type(cb).__module__]
-        x = x.reshape(-1, shape[-1])
-        cb.init_embed_(x)
-        with torch.no_grad():
-            r, counts, sums, _ = quantize_with_stats(x.detach(), cb.embed, with_sums=cb.training)
-            if cb.training:
-                cb.expire_codes_(x)
-                lib.ema_inplace(cb.cluster_size, counts.to(x.dtype), cb.decay)
-                lib.ema_inplace(cb.embed_avg, sums.to(x.dtype), cb.decay)
-                n = cb.cluster_size.sum()
-                cluster_size = lib.laplace_smoothing(cb.cluster_size, cb.codebook_size, cb.epsilon) * n
-                cb.embed.data.copy_(cb.embed_avg / cluster_size.unsqueeze(1))
+        r = quantize_and_update(cb, x.reshape(-1, shape[-1]).detach(), dim=-1)
         return r.quantized.reshape(shape), r.indices.reshape(shape[:-1])
 
 
+def quantize_and_update(cb, x, dim: int):
+    """EuclideanCodebook.forward's work on x with channels along `dim`, as a VQResult in x's layout: k-means init
+    on the first call, the fused search on the codebook before this step, then in training the package's dead-code
+    expiry and the EMA update. The straight-through output and commitment loss carry gradients when x has one."""
+    lib = sys.modules[type(cb).__module__]
+    samples = x.detach().movedim(dim, -1)  # a view; copied only for the init and where a code expires
+    if not cb.inited:
+        cb.init_embed_(samples.reshape(-1, samples.shape[-1]))
+    book = snapshot(cb.embed) if x.requires_grad and cb.training else cb.embed  # the update rewrites embed
+    r, counts, sums, _ = quantize_with_stats(x, book, dim=dim, with_sums=cb.training)
+    if cb.training:
+        with torch.no_grad():
+            cb.expire_codes_(samples)
+            lib.ema_inplace(cb.cluster_size, counts.to(x.dtype), cb.decay)
+            lib.ema_inplace(cb.embed_avg, sums.to(x.dtype), cb.decay)
+            n = cb.cluster_size.sum()
+            cluster_size = lib.laplace_smoothing(cb.cluster_size, cb.codebook_size, cb.epsilon) * n
+            cb.embed.data.copy_(cb.embed_avg / cluster_size.unsqueeze(1))
+    return r
+
+
+class VectorQuantization(Adapter):
+    class_name = "VectorQuantization"
+    attributes = ("_codebook", "project_in", "project_out", "commitment_weight")
+
+    def __init__(self, codebook: EuclideanCodebook):
+        self.codebook = codebook
+        self.library, self.module, self.install_hint = codebook.library, codebook.module, codebook.install_hint
+        self.name = "core_vq VectorQuantization"
+
+    def is_target(self, klass):
+        """Any class named VectorQuantization defining forward, encode and decode (copies of core_vq.py)."""
+        return klass.__name__ == self.class_name and all(m in vars(klass) for m in ("forward", "encode", "decode"))
+
+    def uncovered(self, vq):
+        if not self.codebook.matches(vq._codebook):
+            return f"a {type(vq._codebook).__name__} codebook"
+        if getattr(vq, "orthogonal_reg_weight", 0) > 0:
+            return "orthogonal_reg_weight > 0 (its codebook still runs the fused search and EMA)"
+        return None
+
+    def forward(self, vq, x):
+        channels_last = getattr(vq, "channels_last", False)
+        if not channels_last:
+            x = x.transpose(1, 2)
+        z = vq.project_in(x)
+        r = quantize_and_update(vq._codebook, z if vq.training else z.detach(), -1)
+        loss = torch.tensor([0.0], device=x.device, requires_grad=vq.training)
+        if vq.training and vq.commitment_weight > 0:
+            loss = loss + r.commitment_loss * vq.commitment_weight
+        quantize = vq.project_out(r.quantized)
+        if not channels_last:
+            quantize = quantize.transpose(1, 2)
+        return quantize, r.indices, loss
+
+
 _HINT = "{} (pip install --no-deps {}; see docs/patching.md)"
-ADAPTERS = (
-    EuclideanCodebook("encodec", "encodec.quantization.core_vq", _HINT.format("encodec", "encodec")),
-    EuclideanCodebook("audiocraft", "audiocraft.quantization.core_vq", _HINT.format("audiocraft", "audiocraft")),
-    EuclideanCodebook("speechtokenizer", "speechtokenizer.quantization.core_vq",
-                      _HINT.format("speechtokenizer", "speechtokenizer")),
-)
+_CODEBOOKS = tuple(EuclideanCodebook(library, f"{library}.quantization.core_vq", _HINT.format(library, library))
+                   for library in ("encodec", "audiocraft", "speechtokenizer"))
+ADAPTERS = (*_CODEBOOKS, *(VectorQuantization(cb) for cb in _CODEBOOKS))

@@ -22,7 +22,7 @@ class VectorQuantize(Adapter):
 
     def __init__(self, library: str, module: str, install_hint: str):
         self.library, self.module, self.install_hint = library, module, install_hint
-        self.name = f"{library} VectorQuantize"
+        self.name = "DAC-style VectorQuantize"
 
     def is_target(self, klass):
         """Any class named VectorQuantize defining forward and decode_latents (copies of DAC's and SNAC's)."""
