@@ -120,12 +120,18 @@ def timing_malloc() -> None:
     _malloc(32 << 20, 64 << 20)
 
 
+def peak_malloc() -> None:
+    """The allocator settings peak_cpu measures under, for a child to set before it builds anything, so that its
+    warm-up leaves no freed heap for the measured step to reuse unseen."""
+    _malloc(64 << 10, 128 << 10)
+
+
 def peak_cpu(step) -> tuple[int | None, str]:
     """(peak resident bytes of one step above the size before it, method).
 
     Blocks of 64 KiB and more get their own mapping, returned on free, so the resident set follows what is
     alive; the kernel's high-water mark is reset through /proc/self/clear_refs (without it: unknown)."""
-    _malloc(64 << 10, 128 << 10)
+    peak_malloc()
     base = _rss_bytes()
     try:
         with open("/proc/self/clear_refs", "w") as f:

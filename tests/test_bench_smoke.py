@@ -194,7 +194,8 @@ def test_audio_bench_quick(tmp_path):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (.ci/run installs it)")
     out = tmp_path / "audio.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "audio.py"), "--quick", "--budget", "0.5", "--json", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "audio.py"), "--quick", "--budget", "0.5", "--threads", "1",
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]

@@ -11,7 +11,7 @@ The residual loops stay the packages' own code (audiocraft's detached levels, fi
   own expire_codes_ (previous cluster_size, its random draw and broadcast), EMA of cluster_size and embed_avg,
   Laplace smoothing, embed = embed_avg / smoothed sizes. VectorQuantization's forward also takes the
   straight-through output and the [1]-shaped commitment loss from the fused op, which saves the input it already
-  holds (and a copy of the K x D codebook) instead of a quantized copy.
+  holds and a copy of the K x D codebook instead of the N x D codes (where K < N).
 - quantize (encode): the fused search.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .._kmeans import lloyd
 from ..ops.vq import nearest_code, quantize_with_stats
@@ -83,8 +84,15 @@ def quantize_and_update(cb, x, dim: int):
     samples = x.detach().movedim(dim, -1)  # a view; copied only for the init and where a code expires
     if not cb.inited:
         cb.init_embed_(samples.reshape(-1, samples.shape[-1]))
-    book = snapshot(cb.embed) if x.requires_grad and cb.training else cb.embed  # the update rewrites embed
-    r, counts, sums, _ = quantize_with_stats(x, book, dim=dim, with_sums=cb.training)
+    grad = x.requires_grad and cb.training
+    # the op saves the codebook for backward, a copy since the update rewrites embed: where that is larger than
+    # the gathered codes (fewer rows than codes), the codes take the gradients instead, as the original does
+    in_op = grad and samples.numel() >= cb.embed.numel()
+    r, counts, sums, _ = quantize_with_stats(x if in_op else x.detach(), snapshot(cb.embed) if in_op else cb.embed,
+                                             dim=dim, with_sums=cb.training)
+    if grad and not in_op:
+        e = r.quantized
+        r = r._replace(quantized=x + (e - x).detach(), commitment_loss=F.mse_loss(e, x))
     if cb.training:
         with torch.no_grad():
             cb.expire_codes_(samples)
