@@ -42,7 +42,7 @@ def _importable(name):
     try:
         importlib.import_module(name)
         return True
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch (OSError, RuntimeError)
         return False
 
 
