@@ -192,7 +192,7 @@ setup(
         "triton": ["triton>=3.6"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm", "triton>=3.6",
-                 "vector-quantize-pytorch==1.32.0", "diffusers==0.42.1"],
+                 "vector-quantize-pytorch==1.32.0", "diffusers==0.42.1", "einops", "snac==1.2.1"],
     },
     ext_modules=[extension] if extension is not None else [],
     cmdclass={"build_ext": BuildExt},

@@ -31,6 +31,16 @@ def summarize(samples_ms: list[float]) -> dict:
     return {"median": statistics.median(s), "q25": q[0], "q75": q[2], "min": s[0], "max": s[-1], "n": len(s)}
 
 
+def fmt_time(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
+
+
+def fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def _runs(estimate_s: float, budget_s: float, min_runs: int, max_runs: int) -> int:
     return max(min_runs, min(max_runs, int(budget_s / max(estimate_s, 1e-6))))
 
@@ -99,12 +109,18 @@ def timing_malloc() -> None:
     _malloc(32 << 20, 64 << 20)
 
 
+def peak_malloc() -> None:
+    """The allocator settings peak_cpu measures under, for a child to set before it builds anything, so that its
+    warm-up leaves no freed heap for the measured step to reuse unseen."""
+    _malloc(64 << 10, 128 << 10)
+
+
 def peak_cpu(step) -> tuple[int | None, str]:
     """(peak resident bytes of one step above the size before it, method).
 
     Blocks of 64 KiB and more get their own mapping, returned on free, so the resident set follows what is
     alive; the kernel's high-water mark is reset through /proc/self/clear_refs (without it: unknown)."""
-    _malloc(64 << 10, 128 << 10)
+    peak_malloc()
     base = _rss_bytes()
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -121,12 +121,6 @@ def measure(competitor, size, iters, device, backend, timeout_s):
     return {**timed, **peak}
 
 
-def _fmt_bytes(b):
-    if b is None:
-        return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
@@ -153,7 +147,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             results[competitor] = measure(competitor, size, args.iters, device, args.backend, args.timeout)
             r = results[competitor]
-            status = (f"{r['seconds']:.2f} s, peak {_fmt_bytes(r['peak_bytes'])}" if r["status"] == "ok"
+            status = (f"{r['seconds']:.2f} s, peak {_measure.fmt_bytes(r['peak_bytes'])}" if r["status"] == "ok"
                       else r["note"])
             print(f"  {name} {size}: {competitor}: {status} ({time.perf_counter() - t0:.0f} s wall)", flush=True)
         vk_r, vqp_r = results["vaekernels"], results["vector-quantize-pytorch"]
@@ -177,7 +171,7 @@ def main(argv=None) -> int:
         def cell(r, key):
             if r["status"] != "ok":
                 return r["note"]
-            return f"{r['seconds']:.2f} s" if key == "seconds" else _fmt_bytes(r["peak_bytes"])
+            return f"{r['seconds']:.2f} s" if key == "seconds" else _measure.fmt_bytes(r["peak_bytes"])
 
         speed = f"**{row['speedup']:.1f}×**" if "speedup" in row else "—"
         mem = f"**{100 * row['memory_ratio']:.1f}%**" if row.get("memory_ratio") is not None else "—"

@@ -67,16 +67,6 @@ def _case(name, n, k, device_name, budget_s):
     return {"status": "ok", **result}
 
 
-def _fmt_time(ms):
-    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
-
-
-def _fmt_mem(b):
-    if b is None:
-        return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes")
@@ -99,7 +89,7 @@ def main():
     print(f"LFQ entropy loss forward+backward, 2^{k} codes, device {_measure.device_name(device) if hasattr(_measure, 'device_name') else device}")
     if vqp_n != n:
         print(f"vector-quantize-pytorch at {vqp_n} tokens (its tokens x codes tensors would pass the memory budget "
-              f"of {_fmt_mem(budget)} at {n})")
+              f"of {_measure.fmt_bytes(budget)} at {n})")
     rows = []
     for name, tokens in cases:
         if device.type == "cpu":
@@ -118,7 +108,8 @@ def main():
             print(f"| {name} | {tokens} | {res.get('note')} | |")
             continue
         ms = res["times_ms"]["median"]
-        line = f"| {name} | {tokens} | {_fmt_time(ms)} | {_fmt_mem(res['peak_bytes'])} |"
+        time_s, peak = _measure.fmt_time(ms), _measure.fmt_bytes(res["peak_bytes"])
+        line = f"| {name} | {tokens} | {time_s} | {peak} |"
         if device.type == "cuda":
             peak = _measure.peak_tflops(torch.cuda.get_device_name(device))
             if peak:

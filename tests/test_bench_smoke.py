@@ -2,6 +2,7 @@
 and writes well-formed JSON and markdown. It never gates on times."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -222,3 +223,20 @@ def test_flagged_fraction_bench_separates_random_from_clustered_codebooks():
     assert random["flagged"] == 0 and random["splits"] == 2
     assert crowded["fraction"] > 0.5 and crowded["codebook"] == "64 per centre at 2%"
     assert flagged.measure(16, 256, 32, "64 per centre at 2%", "exact", cpu, 1)["flagged"] == 0
+
+
+def test_audio_bench_quick(tmp_path):
+    """bench/audio.py --quick: every case, original and patched, each in its own child, side by side."""
+    for package in ("encodec", "dac", "snac"):  # found, not imported: encodec and dac import torchaudio
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (.ci/run installs it)")
+    out = tmp_path / "audio.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "audio.py"), "--quick", "--budget", "0.5", "--threads", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in rows] == ["kmeans", "encodec", "dac", "snac"]
+    for r in rows:
+        assert r["original"]["status"] == r["vaekernels"]["status"] == "ok" and r["speedup"] > 0, r
+    assert "| kmeans |" in proc.stdout

@@ -185,7 +185,8 @@ def test_unrecognised_module_warns():
 
 
 def test_unknown_library_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="diffusers, taming, vector_quantize_pytorch, vqvae2"):
+    with pytest.raises(ValueError, match="audiocraft, dac, diffusers, encodec, snac, speechtokenizer, taming, "
+                                         "vector_quantize_pytorch, vqvae2"):
         vk.patch("keras")
 
 

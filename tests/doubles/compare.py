@@ -75,3 +75,56 @@ def assert_patched_equivalent(original, make_input, objective, *, seed=0, call_k
     patched.load_state_dict(original.state_dict())
     original.load_state_dict(patched.state_dict())
     return patched
+
+
+def _flat(out):
+    """The tensors of a quantizer's output, in order (QuantizedResult, tuples, lists of per-level outputs)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "__dataclass_fields__"):
+        out = [getattr(out, f) for f in out.__dataclass_fields__]
+    return [t for o in out if o is not None for t in _flat(o)]
+
+
+def _objective(outs):
+    return sum(((t * weights_like(t)).sum() for t in outs if t.is_floating_point() and t.requires_grad),
+               torch.zeros(()))
+
+
+def _train(module, make_input, call, steps, seed):
+    """`steps` training steps (forward, backward, SGD) from torch.manual_seed(seed), then an eval call: what each
+    step saw, and the vaekernels operators of the last step."""
+    torch.manual_seed(seed)
+    params = list(module.parameters())
+    opt = torch.optim.SGD(params, lr=0.01) if params else None
+    records = []
+    for _ in range(steps):
+        x = make_input().requires_grad_()
+        with OpCalls() as calls:
+            outs = _flat(call(module, x))
+            _objective(outs).backward()
+        records.append(dict(out=[t.detach() for t in outs], x_grad=x.grad,
+                            grads={n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None},
+                            state={k: v.clone() for k, v in module.state_dict().items()}))
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+    module.eval()
+    with torch.no_grad():
+        records.append(dict(eval=_flat(call(module, make_input()))))
+    module.train()
+    return records, calls.names
+
+
+def assert_trains_the_same(make_module, make_input, call, *, steps=3, seed=0, op="vq_fwd"):
+    """Build the module twice (make_module seeds its own initialisation; modules with torch.nn.utils.weight_norm
+    cannot be deep-copied), patch one, train both `steps` steps from the same seed (then an eval call), and check
+    equal codes, outputs, losses, gradients and buffers at every step, and that the patched run dispatched
+    vaekernels::`op`. Returns both, trained."""
+    original, patched = make_module(), vk.patch(make_module())
+    assert any(vars(m).get("_vaekernels_patched") for m in patched.modules()), "nothing was patched"
+    want, want_ops = _train(original, make_input, call, steps, seed)
+    got, got_ops = _train(patched, make_input, call, steps, seed)
+    assert want_ops == [] and f"vaekernels::{op}" in got_ops, (want_ops, got_ops)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return original, patched

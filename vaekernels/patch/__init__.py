@@ -25,8 +25,13 @@ LIBRARIES = {
     "vector_quantize_pytorch": "vector_quantize_pytorch",
     "taming": "taming",
     "vqvae2": "vqvae2",
+    "encodec": "core_vq",
+    "audiocraft": "core_vq",
+    "speechtokenizer": "core_vq",
+    "dac": "dac",
+    "snac": "dac",
 }
-_ADAPTER_MODULES = (*LIBRARIES.values(), "zalando")
+_ADAPTER_MODULES = (*dict.fromkeys(LIBRARIES.values()), "zalando")
 
 
 def _adapters(module_names=_ADAPTER_MODULES) -> list[Adapter]:
@@ -36,7 +41,7 @@ def _adapters(module_names=_ADAPTER_MODULES) -> list[Adapter]:
 def _library_classes(name: str) -> list[tuple[Adapter, type]]:
     if name not in LIBRARIES:
         raise ValueError(f"unknown library {name!r}; known: {', '.join(sorted(LIBRARIES))}")
-    pairs = [(a, a.load()) for a in _adapters([LIBRARIES[name]])]
+    pairs = [(a, a.load()) for a in _adapters([LIBRARIES[name]]) if a.library in ("", name)]
     return [(a, klass) for a, klass in pairs if klass is not None]
 
 
@@ -56,8 +61,9 @@ def patch(target):
     """Run the vaekernels ops in `target`.
 
     target: a model or any object (patched in place and returned: every recognised quantizer or posterior in it
-    gets fused methods and `_vaekernels_patched = True`), a library name ("diffusers", "vector_quantize_pytorch",
-    "taming", "vqvae2": its classes are patched, so instances built later are too; returns None), or a class.
+    gets fused methods and `_vaekernels_patched = True`), a library name (one of LIBRARIES: "diffusers",
+    "vector_quantize_pytorch", "taming", "vqvae2", "encodec", "audiocraft", "speechtokenizer", "dac", "snac": its
+    classes are patched, so instances built later are too; returns None), or a class.
     Warns when nothing in `target` is recognised, and names the option for configurations left as they are.
     """
     if isinstance(target, str):

@@ -36,6 +36,7 @@ class Adapter:
     methods: tuple[str, ...] = ("forward",)
     attributes: tuple[str, ...] = ()
     install_hint = ""  # what the ImportError says when the class cannot be imported
+    library = ""  # the vk.patch(name) it answers to, where one adapter module serves several libraries
 
     def is_target(self, klass: type) -> bool:
         """klass is the foreign class itself (it defines every replaced method)."""
