@@ -3,7 +3,7 @@ loss, without any tokens x codes tensor.
 
 Two torch.library ops: `ibq_fwd` gives the quantized codes, the maximum-inner-product indices, the batch average
 a of p = softmax(z C^T / T), the per-sample entropy, the quantization loss and the per-row statistics the backward
-needs ([logsumexp L, logsumexp L / T, H(p)] and P C, O(N D)); `ibq_bwd` gives the gradients of z and the codebook
+needs (max L, both log-normalisers, H(p) and P C: O(N D)); `ibq_bwd` gives the gradients of z and the codebook
 from those of quantized, a, the per-sample entropy and the quantization loss. The codebook entropy is an O(K)
 function of a computed here in PyTorch, so under torch.distributed a can be averaged over ranks with gradient.
 """
@@ -48,7 +48,7 @@ def _ibq_fwd_fake(z, codebook, dim, beta, temperature, entropy):
     n, k, d = _size(z, codebook, dim)
     return (torch.empty_like(z, memory_format=torch.contiguous_format),
             z.new_empty(index_shape(z, dim), dtype=torch.int64), z.new_empty(k if entropy else 0, dtype=acc),
-            z.new_empty(() if entropy else 0, dtype=acc), z.new_empty((), dtype=acc), z.new_empty(n, 3, dtype=acc),
+            z.new_empty(() if entropy else 0, dtype=acc), z.new_empty((), dtype=acc), z.new_empty(n, 4, dtype=acc),
             z.new_empty(n, d, dtype=acc))
 
 

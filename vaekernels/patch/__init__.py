@@ -19,14 +19,14 @@ from torch import nn
 
 from ._base import Adapter, bind, patch_class, unbind, unpatch_class
 
-# name for vk.patch(name) -> adapter module; zalando's quantizer has no importable home, so no name
+# name for vk.patch(name) -> adapter module; zalando's and SEED-Voken's quantizers have no importable home, so no name
 LIBRARIES = {
     "diffusers": "diffusers",
     "vector_quantize_pytorch": "vector_quantize_pytorch",
     "taming": "taming",
     "vqvae2": "vqvae2",
 }
-_ADAPTER_MODULES = (*LIBRARIES.values(), "zalando")
+_ADAPTER_MODULES = (*LIBRARIES.values(), "zalando", "seed_voken")
 
 
 def _adapters(module_names=_ADAPTER_MODULES) -> list[Adapter]:

@@ -40,8 +40,9 @@ ibq_forward(z, codebook, dim, beta, temperature, entropy) -> (quantized, indices
     z: D channels along dim; codebook (K, D). indices: int64, z's shape without dim, argmax_k <z, c_k> (lowest on
     ties, -1 for NaN rows); quantized: z's shape and dtype, codebook[indices] (NaN rows for -1); avg: (K,)
     accumulation-dtype mean over rows of softmax(L / temperature), L = z codebook^T; per_sample_entropy: 0-d mean
-    of its entropies; quant_loss: 0-d (2 + beta) mean((quantized - z)^2); stats: (N, 3) [logsumexp L,
-    logsumexp L / temperature, entropy] per row (the last two zero without entropy); pc: (N, D) softmax(L) codebook.
+    of its entropies; quant_loss: 0-d (2 + beta) mean((quantized - z)^2); stats: (N, 4) [m = max L, logsumexp(L - m),
+    logsumexp((L - m) / temperature), entropy] per row (the last two zero without entropy); pc: (N, D)
+    softmax(L) codebook.
     Streams over code blocks: never rows x codes.
 ibq_backward(dq, d_avg, d_ps, d_quant, z, codebook, indices, stats, pc, dim, beta, temperature) -> (dz, dcodebook)
     dq, d_avg (K,), d_ps, d_quant (0-d): gradients of ibq_forward's outputs, each possibly None; quantized's is

@@ -29,8 +29,10 @@ def code_blocks(n: int, k: int):
 
 
 def _sweep(zr, cb, temperature, entropy):
-    """(indices (N,) with -1 for NaN rows, stats (N, 3) = [logsumexp L, logsumexp L / T, H(p)], P C (N, D)),
-    with running max, normalisers and P C rescaled as the max grows (the flash-attention forward)."""
+    """(indices (N,) with -1 for NaN rows, stats (N, 4), P C (N, D)), with running max, normalisers and P C
+    rescaled as the max grows (the flash-attention forward). stats = [m = max L, log sum exp(L - m),
+    log sum exp((L - m) / T), H(p)]: log P = L - m - stats[1] and log p = (L - m) / T - stats[2], with no
+    cancellation of large logits (L / T and its logsumexp would each carry float32 rounding of their size)."""
     n = zr.shape[0]
     m = None
     nan = torch.zeros(n, dtype=torch.bool, device=zr.device)
@@ -54,18 +56,22 @@ def _sweep(zr, cb, temperature, entropy):
             w_t = a_t * (w_t + shift * s_t) + (e_t * centred).sum(1)
             s_t = a_t * s_t + e_t.sum(1)
         m = new
-    lse_t = m / temperature + s_t.log() if entropy else torch.zeros_like(m)
-    h = s_t.log() - w_t / (temperature * s_t) if entropy else torch.zeros_like(m)
-    stats = torch.stack([m + s1.log(), lse_t, h], 1)
+    log_t = s_t.log() if entropy else torch.zeros_like(m)
+    h = log_t - w_t / (temperature * s_t) if entropy else torch.zeros_like(m)
+    stats = torch.stack([m, s1.log(), log_t, h], 1)
     return ind.masked_fill_(nan, -1), stats, pc / s1[:, None]
+
+
+def _log_p(logits, stats, temperature):
+    """log softmax(L / T) of a block of logits, in place."""
+    return logits.sub_(stats[:, 0:1]).div_(temperature).sub_(stats[:, 2:3])
 
 
 def _column_sums(zr, cb, stats, temperature):
     """(K,) a_k = mean over rows of p_ik."""
     avg = zr.new_empty(cb.shape[0])
-    lse_t = stats[:, 1:2]
     for blk in code_blocks(zr.shape[0], cb.shape[0]):
-        avg[blk] = (zr @ cb[blk].t()).div_(temperature).sub_(lse_t).exp_().sum(0)
+        avg[blk] = _log_p(zr @ cb[blk].t(), stats, temperature).exp_().sum(0)
     return avg.div_(zr.shape[0])
 
 
@@ -73,7 +79,7 @@ def _rho(zr, cb, stats, temperature, d_avg):
     """(N,) rho_i = sum_k p_ik d_avg_k."""
     rho = zr.new_zeros(zr.shape[0])
     for blk in code_blocks(zr.shape[0], cb.shape[0]):
-        rho += (zr @ cb[blk].t()).div_(temperature).sub_(stats[:, 1:2]).exp_() @ d_avg[blk]
+        rho += _log_p(zr @ cb[blk].t(), stats, temperature).exp_() @ d_avg[blk]
     return rho
 
 
@@ -83,15 +89,14 @@ def _gradients(zr, cb, g, g_hard, ind, stats, delta, rho, d_avg, c_s, temperatur
     n = zr.shape[0]
     dz = torch.zeros_like(zr)
     dc = torch.empty_like(cb)
-    lse1, lse_t, h = stats.unbind(1)
     for blk in code_blocks(n, cb.shape[0]):
         logits = zr @ cb[blk].t()
-        dl = (logits - lse1[:, None]).exp() * (g @ cb[blk].t() - delta[:, None])
+        dl = (logits - stats[:, 0:1] - stats[:, 1:2]).exp_().mul_(g @ cb[blk].t() - delta[:, None])
         if c_s is not None or rho is not None:
-            logp = logits.div_(temperature).sub_(lse_t[:, None])
+            logp = _log_p(logits, stats, temperature)
             p = logp.exp()
             if c_s is not None:
-                dl -= c_s * p * (logp + h[:, None])
+                dl -= c_s * p * (logp + stats[:, 3:4])
             if rho is not None:
                 dl += p * (d_avg[blk][None, :] - rho[:, None]) / (n * temperature)
         dz += dl @ cb[blk]
@@ -132,7 +137,7 @@ def forward(passes, z, codebook, dim, beta, temperature, entropy):
     e = _codes(cb, ind)
     quant_loss = (e - zr).square().sum() * ((2.0 + beta) / zr.numel())
     avg = passes.column_sums(zr, cb, stats, temperature) if entropy else None
-    ps = stats[:, 2].mean() if entropy else None
+    ps = stats[:, 3].mean() if entropy else None
     return (unrows(e.to(z.dtype), z, dim), ind.view(index_shape(z, dim)), avg, ps, quant_loss, stats, pc)
 
 

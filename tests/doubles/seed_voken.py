@@ -1,0 +1,79 @@
+"""SEED-Voken's IndexPropagationQuantize (TencentARC/SEED-Voken, src/IBQ/modules/vqvae/quantize.py), written from
+the published formulas: the dense logits, softmax, one-hot and einsums over NCHW latents, and MAGVIT-v2's entropy
+loss on the (rows, codes) logits."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def entropy_loss(logits, temperature, sample_weight, batch_weight, eps=1e-5):
+    """(sample entropy, batch entropy, sample_weight * sample - batch_weight * batch) of softmax(logits / T)."""
+    probs = (logits / temperature).softmax(-1)
+    log_probs = (logits / temperature + eps).log_softmax(-1)
+    avg = probs.mean(0)
+    batch = -(avg * (avg + eps).log()).sum()
+    sample = (-(probs * log_probs).sum(-1)).mean()
+    return sample, batch, sample_weight * sample - batch_weight * batch
+
+
+class IndexPropagationQuantize(nn.Module):
+    """IBQ: z (B, D, H, W); the index maximises the softmax of z . codes; z_q = (hard - sg(soft) + soft) codes."""
+
+    def __init__(self, n_e, e_dim, beta=0.25, use_entropy_loss=False, remap=None, unknown_index="random",
+                 cosine_similarity=False, entropy_temperature=0.01, sample_minimization_weight=1.0,
+                 batch_maximization_weight=1.0):
+        super().__init__()
+        self.n_e, self.e_dim, self.beta, self.use_entropy_loss = n_e, e_dim, beta, use_entropy_loss
+        self.embedding = nn.Embedding(n_e, e_dim)  # N(0, 1), nn.Embedding's own initialisation
+        self.remap = remap
+        self.re_embed = n_e
+        if remap is not None:
+            self.register_buffer("used", torch.tensor(np.load(remap)))
+            self.re_embed = self.used.shape[0]
+            self.unknown_index = unknown_index
+            if unknown_index == "extra":
+                self.unknown_index = self.re_embed
+                self.re_embed += 1
+        self.cosine_similarity = cosine_similarity
+        self.entropy_temperature = entropy_temperature
+        self.sample_minimization_weight = sample_minimization_weight
+        self.batch_maximization_weight = batch_maximization_weight
+
+    def remap_to_used(self, inds):
+        shape = inds.shape
+        inds = inds.reshape(shape[0], -1)
+        match = (inds[:, :, None] == self.used.to(inds)[None, None, :]).long()
+        new = match.argmax(-1)
+        unknown = match.sum(2) < 1
+        if self.unknown_index == "random":
+            new[unknown] = torch.randint(0, self.re_embed, size=new[unknown].shape, device=new.device)
+        else:
+            new[unknown] = self.unknown_index
+        return new.reshape(shape)
+
+    def forward(self, z, temp=None, return_logits=False):
+        logits = torch.einsum("bdhw,nd->bnhw", z, self.embedding.weight)
+        if self.remap is not None:
+            full = torch.zeros_like(logits)
+            logits = logits[:, self.used]
+        soft = logits.softmax(1)
+        if self.remap is not None:
+            full[:, self.used] = soft
+            soft = full
+        ind = soft.max(1, keepdim=True)[1]
+        hard = torch.zeros_like(soft, memory_format=torch.contiguous_format).scatter_(1, ind, 1.0)
+        one_hot = hard - soft.detach() + soft
+        z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.embedding.weight)
+        z_q2 = torch.einsum("bnhw,nd->bdhw", hard, self.embedding.weight)
+        quant_loss = (((z_q - z) ** 2).mean() + ((z_q2.detach() - z) ** 2).mean()
+                      + self.beta * ((z_q2 - z.detach()) ** 2).mean())
+        diff = quant_loss
+        if self.use_entropy_loss:
+            flat = logits.permute(0, 2, 3, 1).reshape(-1, self.n_e)
+            diff = (quant_loss, *entropy_loss(flat, self.entropy_temperature, self.sample_minimization_weight,
+                                              self.batch_maximization_weight))
+        ind = ind.flatten()
+        if self.remap is not None:
+            ind = self.remap_to_used(ind.reshape(z.shape[0], -1)).reshape(-1, 1)
+        return z_q, diff, (None, None, ind)
