@@ -316,3 +316,98 @@ def test_module():
     assert off.entropy_loss is None and torch.equal(off.loss, off.quant_loss)
     with pytest.raises(TypeError, match="num_codes must be an int"):
         vk.nn.IndexBackpropQuantizer(2.5, 8)
+
+
+# fused-kernel cases: one row, fewer codes than a tile, row and code tails, several code ranges in the sweep and
+# the dz pass and several row ranges in the column sums and dC (their partial states merged), D not a power of two
+# (one case above 64, another tile plan), channel-first, entropy off, the training temperature 0.01
+FUSED_CASES = [
+    ((1, 5), 3, dict()),
+    ((37, 8), 70, dict(entropy_temperature=0.3)),
+    ((2, 20, 3, 3), 130, dict(dim=1, entropy=False, beta=0.5)),
+    ((70, 24), 300, dict(entropy_temperature=0.01)),
+    ((16, 100), 33, dict(entropy_temperature=0.2, sample_entropy_weight=0.5)),
+]
+
+
+@pytest.mark.parametrize("backend", IBQ_BACKENDS)
+@pytest.mark.parametrize("zshape, k, kw", FUSED_CASES)
+def test_fused_backend_matches_dense_formula(backend, zshape, k, kw):
+    """float32 on the fused kernels against the dense formula in float64: indices, quantized, every loss, and dz,
+    dC of a random combination of all outputs."""
+    dim = kw.get("dim", -1)
+    g = torch.Generator().manual_seed(k)
+    z = torch.randn(zshape, generator=g).to(DEVICE).requires_grad_()
+    cb = torch.randn(k, zshape[dim], generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(zshape, generator=g).to(DEVICE)
+    zd, cbd = (t.detach().double().requires_grad_() for t in (z, cb))
+    want = dense(zd, cbd, **kw)
+    with vk.use_backend(backend):
+        assert _backend.resolve_name("ibq_fwd", z.device, iops._size(z, cb, dim % z.dim())) == backend
+        got = vk.index_backprop_quantize(z, cb, **kw)
+        assert torch.equal(got.indices, want.indices)
+        assert torch.equal(got.quantized.movedim(dim, -1), cb.detach()[got.indices])
+        for name in NAMES[1:]:
+            if getattr(want, name) is not None:
+                torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=1e-5, atol=1e-6,
+                                           msg=name)
+        c = COMBOS[-1]
+        g1 = torch.autograd.grad(_combo(got, w, c), (z, cb))
+        g2 = torch.autograd.grad(_combo(want, w.double(), c), (zd, cbd))
+        for a, b, name in zip(g1, g2, ("dz", "dcodebook")):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("backend", IBQ_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_backend_half_inputs(backend, dtype):
+    """16-bit inputs: float32 logits and sums as in the reference; same indices, losses and gradients."""
+    z, cb = _data((50, 16), 40, dtype=dtype, seed=12, scale=0.5, device=DEVICE)
+    out = []
+    for name in ("torch", backend):
+        with vk.use_backend(name):
+            r = vk.index_backprop_quantize(z, cb, entropy_temperature=0.1)
+            out.append((r, torch.autograd.grad(r.quant_loss + r.entropy_loss + r.quantized.sum(), (z, cb))))
+    (ra, ga), (rb, gb) = out
+    assert torch.equal(ra.indices, rb.indices) and torch.equal(ra.quantized, rb.quantized)
+    for name in NAMES[1:]:
+        torch.testing.assert_close(getattr(rb, name), getattr(ra, name), rtol=1e-5, atol=1e-5, msg=name)
+    for a, b in zip(ga, gb):
+        assert b.dtype == dtype
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("backend", IBQ_BACKENDS)
+def test_fused_backend_ties_nan_and_determinism(backend):
+    """Duplicate codes in different code ranges: the lowest index; a NaN row: -1, NaN out; two runs: bitwise equal
+    losses and gradients (partial states and sums merged in a fixed order, no atomics)."""
+    z, cb = _data((40, 8), 200, dtype=torch.float32, seed=13, device=DEVICE)
+    cb = cb.detach().clone()
+    cb[150] = cb[3]
+    z = z.detach().clone()
+    z[5] = cb[3] * 4
+    z[7, 2] = float("nan")
+    z.requires_grad_()
+    cb.requires_grad_()
+    runs = []
+    with vk.use_backend(backend):
+        for _ in range(2):
+            r = vk.index_backprop_quantize(z, cb, entropy_temperature=0.5)
+            runs.append((r.indices, r.quant_loss, r.entropy_loss,
+                         *torch.autograd.grad(r.quantized.nansum() + r.entropy_loss, (z, cb))))
+    for a, b in zip(*runs):  # NaN in the same places, the rest bitwise equal
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    ind = runs[0][0]
+    assert ind[5] == 3 and ind[7] == -1
+    with vk.use_backend("torch"):
+        want = vk.index_backprop_quantize(z, cb, entropy_temperature=0.5).indices
+    assert torch.equal(ind, want)
+    z_ok = z.detach()[torch.arange(40) != 7].requires_grad_()
+    with vk.use_backend(backend):
+        r = vk.index_backprop_quantize(z_ok, cb, entropy_temperature=0.5)
+        grads = torch.autograd.grad(r.quant_loss + r.entropy_loss, (z_ok, cb))
+    with vk.use_backend("torch"):
+        r2 = vk.index_backprop_quantize(z_ok, cb, entropy_temperature=0.5)
+        want_grads = torch.autograd.grad(r2.quant_loss + r2.entropy_loss, (z_ok, cb))
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
