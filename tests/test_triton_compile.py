@@ -44,7 +44,8 @@ def _spec(a):
 
 def _record(monkeypatch) -> list[dict]:
     """Patch the interpreter's launch to log (kernel, argument types and values, constexprs) instead of running
-    it; in deterministic mode the search kernel still runs, since the segment sums sort the indices it writes."""
+    it; in deterministic mode the search kernel still runs, since the segment sums sort the indices it writes, and
+    IBQ's sweep always does, since the host gathers the codes of its indices."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches, run = [], InterpretedFunction.run
@@ -54,6 +55,8 @@ def _record(monkeypatch) -> list[dict]:
         launches.append({"kernel": f"{fn.__module__}.{fn.__name__}", "args": [_spec(a) for a in args],
                          "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}})
         if fn.__name__ == "_search_kernel" and torch.are_deterministic_algorithms_enabled():
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if fn.__module__.endswith("triton.ibq") and fn.__name__ == "_sweep_kernel":  # the host gathers its codes
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", logging_run)
@@ -76,6 +79,7 @@ def _plan(launches: list[dict]) -> list[dict]:
         widest = (launch["kernel"].endswith("_search_kernel") and kw.get("EPILOGUE") and kw.get("WITH_SUMS")
                   and not kw.get("ONE_D_TILE") and not kw.get("WIDE") and launch["args"][0]["dtype"] == "float32")
         lfq_dot = launch["kernel"].endswith("lfq._average_kernel")  # LFQ's tf32x3 tl.dot, lowered per arch too
+        lfq_dot |= ".triton.ibq." in launch["kernel"]  # and IBQ's, every kernel
         out.append({**launch, "archs": [80, 90] if widest or lfq_dot else [90], "all_configs": bool(widest)})
     return sorted(out, key=lambda launch: -launch["all_configs"])  # the heavy ones split evenly across shards
 
@@ -100,10 +104,10 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
     kernel_variants.run(lambda name, *args: getattr(vkt, name)(*args), torch.device("cpu"))
     monkeypatch.undo()
 
-    from vaekernels.triton import _common, gaussian, lfq, vq
+    from vaekernels.triton import _common, gaussian, ibq, lfq, vq
 
     launched = {launch["kernel"] for launch in launches}
-    every_kernel = _jit_kernels(_common) | _jit_kernels(gaussian) | _jit_kernels(vq) | _jit_kernels(lfq)
+    every_kernel = _jit_kernels(_common) | _jit_kernels(gaussian) | _jit_kernels(vq) | _jit_kernels(lfq) | _jit_kernels(ibq)
     assert every_kernel - launched == set(), "the workload misses kernels: add them to it"
     (tmp_path / "launches.json").write_text(json.dumps(_plan(launches)))
     # compiled kernels, every autotuning config (conftest turns autotuning off); Triton's own cache: reruns are fast
