@@ -248,6 +248,7 @@ class _Plan:
         self.code_splits, self.codes_per_split = _split(self.k, self.row_tiles, self.block_k)
         self.row_splits, self.rows_per_split = _split(self.n, self.code_tiles, self.block_m)
         self.warps = 4 if self.block_d <= 64 else 8
+        self.stages = 1 if self.block_d > 128 else 2  # pipelined copies of the D-wide tiles must fit shared memory
 
 
 def _sweep(zr, cb, temperature, entropy, exact_tf32=False):
@@ -257,7 +258,7 @@ def _sweep(zr, cb, temperature, entropy, exact_tf32=False):
     pc = zr.new_empty(p.code_splits, p.n, p.d)
     _sweep_kernel[(p.row_tiles, p.code_splits)](
         zr, cb, state, ind, pc, p.n, p.k, p.d, p.codes_per_split, 1.0 / temperature, ENTROPY=entropy,
-        PRECISION=p.precision, BLOCK_M=p.block_m, BLOCK_K=p.block_k, BLOCK_D=p.block_d, num_warps=p.warps)
+        PRECISION=p.precision, BLOCK_M=p.block_m, BLOCK_K=p.block_k, BLOCK_D=p.block_d, num_warps=p.warps, num_stages=p.stages)
     m, s1, s_t, w_t, nan = state.unbind(1)
     top = m.amax(0)
     first = (m == top).to(torch.int8).argmax(0)  # the lowest code range holding the maximum: lowest index on ties
@@ -283,7 +284,7 @@ def _column_sums(zr, cb, stats, temperature, exact_tf32=False):
     scale = 1.0 / p.n if p.row_splits == 1 else 1.0
     _column_kernel[(p.code_tiles, p.row_splits)](
         zr, cb, stats, out, p.n, p.k, p.d, p.rows_per_split, 1.0 / temperature, scale, PRECISION=p.precision,
-        BLOCK_N=p.block_m, BLOCK_K=p.block_k, BLOCK_D=p.block_d, num_warps=p.warps)
+        BLOCK_N=p.block_m, BLOCK_K=p.block_k, BLOCK_D=p.block_d, num_warps=p.warps, num_stages=p.stages)
     return out[0] if p.row_splits == 1 else reduce_rows(out, 1.0 / p.n)
 
 
@@ -293,7 +294,7 @@ def _rho(zr, cb, stats, temperature, d_avg, exact_tf32=False):
     _row_kernel[(p.row_tiles, p.code_splits)](
         zr, cb, zr, stats, zr, zr, d_avg, out, p.n, p.k, p.d, p.codes_per_split, 1.0 / temperature, 0.0, 0.0,
         RHO=True, HAS_S=False, HAS_A=True, PRECISION=p.precision, BLOCK_M=p.block_m, BLOCK_K=p.block_k,
-        BLOCK_D=p.block_d, num_warps=p.warps)
+        BLOCK_D=p.block_d, num_warps=p.warps, num_stages=p.stages)
     return out.sum(0)
 
 
@@ -305,7 +306,7 @@ def _gradients(zr, cb, g, g_hard, ind, stats, delta, rho, d_avg, c_s, temperatur
     rho = rho if has_a else delta
     d_avg = d_avg if has_a else delta
     common = dict(HAS_S=has_s, HAS_A=has_a, PRECISION=p.precision, BLOCK_K=p.block_k, BLOCK_D=p.block_d,
-                  num_warps=p.warps)
+                  num_warps=p.warps, num_stages=p.stages)
     dz = zr.new_empty(p.code_splits, p.n, p.d)
     _row_kernel[(p.row_tiles, p.code_splits)](
         zr, cb, g, stats, delta, rho, d_avg, dz, p.n, p.k, p.d, p.codes_per_split, 1.0 / temperature, c_s, c_a,
