@@ -20,7 +20,7 @@ import time
 import torch
 
 GiB = 1 << 30
-LONG_S = 2.0  # CPU steps longer than this are timed twice only (the issue-2 figures would take minutes)
+LONG_S = 2.0  # CPU steps longer than this are timed twice only (the full-size headline figures would take minutes)
 _L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100: 50 MB)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 

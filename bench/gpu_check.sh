@@ -197,10 +197,10 @@ write_summary() {  # the summary JSON, in bench/results and OUT: each stage's li
   [ -z "${OUT:-}" ] || cp "$summary" "$OUT/"
 }
 
-bring_back() {  # copy what this run wrote (results, the dispatch table, README) to OUT; of a file over the cap, its end
+bring_back() {  # copy what this run wrote (results, the dispatch table, README, docs/performance.md) to OUT; of a file over the cap, its end
   local f
   [ -n "${OUT:-}" ] || return 0
-  for f in "$NAME".* "$NAME"-* vaekernels/dispatch.json README.md; do
+  for f in "$NAME".* "$NAME"-* vaekernels/dispatch.json README.md docs/performance.md; do
     if [ -f "$f" ] && [ "$f" -nt "$started" ] && [ "$f" != "$log" ] && [ "$f" != "$summary" ]; then
       tail -c "$OUT_CAP" "$f" > "$OUT/${f##*/}"
     fi

@@ -1,6 +1,6 @@
 """LFQ / BSQ entropy loss, forward + backward: vk.lookup_free_quantize against vector-quantize-pytorch's LFQ.
 
-    python bench/lfq.py            CPU: 2^16 codes x 4096 tokens (issue 14's target); GPU: 2^18 codes x 16384 tokens
+    python bench/lfq.py            CPU: 2^16 codes x 4096 tokens; GPU: 2^18 codes x 16384 tokens
     python bench/lfq.py --quick    tiny sizes (a smoke run)
 
 Each case runs in its own forked child on the CPU (clean peak RSS, see bench/_measure.py); on a GPU, peak from

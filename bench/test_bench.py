@@ -1,7 +1,7 @@
 """Micro-benchmarks with pytest-benchmark: `pytest bench/ --benchmark-only` (compare runs with --benchmark-autosave
 and --benchmark-compare).
 
-Small shapes (the --quick sets of bench/shapes.py but the issue-2 figures), every op and mode, for the eager
+Small shapes (the --quick sets of bench/shapes.py but the headline figures), every op and mode, for the eager
 formula, each vaekernels backend that runs natively here and, on a GPU, torch.compile of the eager formula. The
 cases and steps are bench/run.py's, so the two always measure the same thing; on a GPU each timed call ends with
 a synchronisation.

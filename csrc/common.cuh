@@ -14,7 +14,7 @@
 
 namespace vk {
 
-// dtype codes shared with vaekernels/cuda.py (_DTYPES).
+// dtype codes shared with vaekernels/cuda/__init__.py (_DTYPES).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 constexpr unsigned kFullMask = 0xffffffffu;

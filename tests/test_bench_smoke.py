@@ -85,7 +85,7 @@ def test_figures_and_markdown(quick_run):
 
 
 @pytest.mark.slow
-def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
+def test_docs_block_is_generated_between_its_markers(quick_run, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import run
 
@@ -95,13 +95,13 @@ def test_readme_block_is_generated_between_its_markers(quick_run, tmp_path):
     for op in ("reparameterize", "gaussian_kl", "nearest_code", "vector_quantize", "VectorQuantizer module"):
         assert f"| {op}" in block
     kind = data["meta"]["kind"]
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "performance.md"
     readme.write_text(f"before\n<!-- bench:{kind}:start -->\nold\n<!-- bench:{kind}:end -->\nafter\n")
-    run.update_readme(str(readme), kind, block)
+    run.update_block(str(readme), kind, block)
     text = readme.read_text()
     assert "old" not in text and block in text and text.startswith("before\n") and text.endswith("after\n")
     with pytest.raises(SystemExit, match="no <!-- bench:other:start -->"):
-        run.update_readme(str(readme), "other", block)
+        run.update_block(str(readme), "other", block)
 
 
 def test_kmeans_bench_quick(tmp_path):
@@ -163,3 +163,25 @@ def test_overhead_floor_bare_function_computes_the_eager_formula():
         torch.testing.assert_close(a, b)
     for a, b in zip(*results["bare Function + seed"]):
         assert torch.equal(a, b)
+
+
+def test_roofline_predicts_every_case_kernel_and_device(tmp_path):
+    """bench/roofline.py: each device x case x precision has the search's three kernels, waves are the grid over the
+    SMs, the bound is the larger of the compute and memory times, and tensor cores bound the fast precisions lower."""
+    from bench import roofline
+
+    out = tmp_path / "roofline.json"
+    assert roofline.main(["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(roofline.DEVICES) * len(roofline.CASES) * 3 * 3
+    for r in rows:
+        assert r["waves"] == pytest.approx(r["grid"] / roofline.DEVICES[r["device"]]["sms"])
+        assert r["bound_us"] == max(r["compute_us"], r["memory_us"]) > 0
+    search = {(r["device"], r["case"], r["precision"]): r for r in rows if r["kernel"] == "search"}
+    sizes = {case: (n, k) for case, n, k, _ in roofline.CASES}
+    for (device, case, _), r in search.items():
+        assert search[device, case, "bf16"]["compute_us"] < search[device, case, "tf32"]["compute_us"] < \
+            search[device, case, "exact"]["compute_us"]
+        # two waves of programs, or every split already down to one 128-code tile
+        n, k = sizes[case]
+        assert r["grid"] >= min(2 * roofline.DEVICES[device]["sms"], math.ceil(n / 64) * math.ceil(k / 128))

@@ -206,7 +206,7 @@ def test_fused_backend_is_deterministic(backend):
 @gpu
 @pytest.mark.parametrize("backend", LFQ_BACKENDS)
 def test_fused_memory_at_2_18_codes(backend):
-    """Issue 14's GPU target: 2^18 codes x 16384 tokens forward + backward, both entropies, under 1 GiB of peak
+    """The GPU memory target: 2^18 codes x 16384 tokens forward + backward, both entropies, under 1 GiB of peak
     CUDA memory (one dense float32 probability matrix would be 17 GB); in fact O(N K + 2^K): under 64 MiB (about 16
     MiB of token-split partial averages, 1 MiB vectors). CPU twin: test_memory_bound_in_a_fresh_process."""
     x = torch.randn(16384, 18, device=DEVICE).requires_grad_()

@@ -26,6 +26,7 @@ import vaekernels.triton as vkt  # noqa: E402
 from vaekernels import _backend  # noqa: E402
 
 AOT = Path(__file__).with_name("triton_aot.py")
+_SEARCH_PIPELINE = {"_code_stats_kernel", "_search_kernel", "_research_kernel", "_finish_kernel"}
 
 
 def _has_ptxas() -> bool:
@@ -44,7 +45,7 @@ def _spec(a):
 
 def _record(monkeypatch) -> list[dict]:
     """Patch the interpreter's launch to log (kernel, argument types and values, constexprs) instead of running
-    it; in deterministic mode the search kernel still runs, since the segment sums sort the indices it writes, and
+    it; in deterministic mode the search's kernels still run, since the segment sums sort the indices they write, and
     IBQ's sweep always does, since the host gathers the codes of its indices."""
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -54,7 +55,7 @@ def _record(monkeypatch) -> list[dict]:
         fn = self.fn
         launches.append({"kernel": f"{fn.__module__}.{fn.__name__}", "args": [_spec(a) for a in args],
                          "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}})
-        if fn.__name__ == "_search_kernel" and torch.are_deterministic_algorithms_enabled():
+        if fn.__name__ in _SEARCH_PIPELINE and torch.are_deterministic_algorithms_enabled():
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
         if fn.__module__.endswith("triton.ibq") and fn.__name__ == "_sweep_kernel":  # the host gathers its codes
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -65,7 +66,7 @@ def _record(monkeypatch) -> list[dict]:
 
 def _plan(launches: list[dict]) -> list[dict]:
     """One launch per compiled variant (kernel, constexprs, dtypes; int alignment hints aside), each for sm_90
-    with the first autotuning config; the search kernel's float32 launches with the full epilogue and D looped
+    with the first autotuning config; the search kernel's float32 launches with D looped
     in tiles also for sm_80 (tensor-core lowering differs), in every config (tile shapes change the layouts), and
     LFQ's average (its tl.dot) for sm_80 too."""
     out, seen = [], set()
@@ -76,8 +77,8 @@ def _plan(launches: list[dict]) -> list[dict]:
             continue
         seen.add(key)
         kw = launch["kwargs"]
-        widest = (launch["kernel"].endswith("_search_kernel") and kw.get("EPILOGUE") and kw.get("WITH_SUMS")
-                  and not kw.get("ONE_D_TILE") and not kw.get("WIDE") and launch["args"][0]["dtype"] == "float32")
+        widest = (launch["kernel"].endswith("_search_kernel") and not kw.get("ONE_D_TILE") and not kw.get("WIDE")
+                  and launch["args"][0]["dtype"] == "float32")
         lfq_dot = launch["kernel"].endswith("lfq._average_kernel")  # LFQ's tf32x3 tl.dot, lowered per arch too
         lfq_dot |= ".triton.ibq." in launch["kernel"]  # and IBQ's, every kernel
         out.append({**launch, "archs": [80, 90] if widest or lfq_dot else [90], "all_configs": bool(widest)})
@@ -131,10 +132,12 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
         assert any(r["fits"] for r in compiled if r["autotuned"])
         # register spills (ptxas stack): at most 32 bytes in fixed-config kernels, the frames of libdevice helpers
         # (64-bit division in the int64-offset variants; with Triton 3.6, the Philox normals' transcendentals), and
-        # each search variant compiled in every config has a config that does not spill
+        # each search variant compiled in every config has a config that spills at most a few words
         spills = [r for r in compiled if not r["autotuned"] and r["stack"] > 32]
         assert not spills, json.dumps(spills)
         by_variant = {}
         for r in (r for r in search if r["all_configs"]):
             by_variant.setdefault(json.dumps(r["constexprs"], sort_keys=True), []).append(r["stack"])
-        assert by_variant and all(min(stacks) == 0 for stacks in by_variant.values()), by_variant
+        # the certified search keeps its window (bound, lower and upper ends, candidate slots) per tile: its best
+        # config may spill a few words (measured: 16 to 48 bytes before the 32 x 64 config was added)
+        assert by_variant and all(min(stacks) <= 48 for stacks in by_variant.values()), by_variant

@@ -44,3 +44,11 @@ class ConvVQVAE(nn.Module):
         rec = F.binary_cross_entropy_with_logits(recon, x, reduction="sum") / x.shape[0]
         return {"loss": rec + vq_loss, "recon": torch.sigmoid(recon), "indices": idx, "perplexity": perplexity,
                 "rec": rec}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images decoded from the quantized latents (in eval mode, EMA statistics untouched)."""
+        was_training = self.training
+        recon = self.eval()(x)["recon"]
+        self.train(was_training)
+        return recon

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from . import reference
+from .. import reference
 
 OPS = reference.OPS - {"lfq_fwd", "lfq_bwd", "ibq_fwd", "ibq_bwd"}  # the DISPATCH_OPS it implements: the reference's but LFQ and IBQ
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -24,7 +24,7 @@ _NO_LAYOUT = (1, 0, 0, 0)
 
 
 def _ext():
-    from . import _C
+    from .. import _C
 
     return _C
 
