@@ -320,13 +320,15 @@ def test_module():
 
 # fused-kernel cases: one row, fewer codes than a tile, row and code tails, several code ranges in the sweep and
 # the dz pass and several row ranges in the column sums and dC (their partial states merged), D not a power of two
-# (one case above 64, another tile plan), channel-first, entropy off, the training temperature 0.01
+# (one case above 64, another tile plan; one above 128: the logits over four D chunks, the D-wide accumulators in
+# two column chunks), channel-first, entropy off, the training temperature 0.01
 FUSED_CASES = [
     ((1, 5), 3, dict()),
     ((37, 8), 70, dict(entropy_temperature=0.3)),
     ((2, 20, 3, 3), 130, dict(dim=1, entropy=False, beta=0.5)),
     ((70, 24), 300, dict(entropy_temperature=0.01)),
     ((16, 100), 33, dict(entropy_temperature=0.2, sample_entropy_weight=0.5)),
+    ((12, 200), 45, dict(entropy_temperature=0.1, codebook_entropy_weight=0.7)),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Index backpropagation quantization (IBQ) with MAGVIT-v2's entropy terms, in plain PyTorch, blocked over codes.
+"""Index backpropagation quantization (IBQ) with MAGVIT-v2's entropy terms, in plain PyTorch, blocked over rows.
 
 Notation: rows z (N, D), codes C (K, D), logits L = z C^T (no scale), P = softmax(L), p = softmax(L / T),
 e = C[argmax L]. The quantized value is e; its gradient g reaches L through P (softmax-attention backward with
@@ -6,8 +6,10 @@ queries z and keys = values = C): dL = P * (g C^T - delta), delta_i = g_i . (P C
 hard one-hot too (dC += one_hot^T g). The entropies add to dL: the per-sample entropy S = mean_i H(p_i) gives
 -(dS / (N T)) p (log p + H), anything computed from the batch average a_k = mean_i p_ik with gradient d_a gives
 (1 / (N T)) p (d_a - rho), rho_i = sum_k p_ik d_a_k.
-Per row everything reduces to a few scalars (max and argmax of L, both log-normalisers, H) and P C, all folded
-over code blocks with online rescaling, so no (N, K) tensor exists: a tile holds at most _TILE_ELEMENTS logits.
+Per row everything reduces to a few scalars (max and argmax of L, both log-normalisers, H) and P C, so no (N, K)
+tensor exists: a block of rows holds every code's logit, at most _TILE_ELEMENTS of them. The forward is one pass
+(two GEMMs: L and P C; a accumulates over the blocks) and the backward one more (four: L, dP, dL C and dL^T z;
+rho comes from the block's whole rows), six N K D multiply-adds in all with the entropy.
 """
 from __future__ import annotations
 
@@ -16,107 +18,92 @@ from typing import Callable, NamedTuple
 import torch
 
 from .gaussian import acc_dtype
-from .vq import _slots, index_shape, rows, scatter_rows, unrows
+from .vq import _slots, index_shape, rows, unrows
 
-_TILE_ELEMENTS = 1 << 20  # rows x codes per tile
-
-
-def code_blocks(n: int, k: int):
-    """Slices of codes such that a block of n rows x codes stays within _TILE_ELEMENTS."""
-    step = max(1, min(k, _TILE_ELEMENTS // max(n, 1)))
-    for start in range(0, k, step):
-        yield slice(start, min(start + step, k))
+_TILE_ELEMENTS = 1 << 22  # codes x rows per tile (three such tiles are alive in the backward)
 
 
-def _sweep(zr, cb, temperature, entropy):
-    """(indices (N,) with -1 for NaN rows, stats (N, 4), P C (N, D)), with running max, normalisers and P C
-    rescaled as the max grows (the flash-attention forward). stats = [m = max L, log sum exp(L - m),
+def row_blocks(n: int, k: int) -> tuple[list[slice], int]:
+    """(slices of rows, rows per slice) such that a block of k codes x rows stays within _TILE_ELEMENTS."""
+    step = max(1, min(n, _TILE_ELEMENTS // max(k, 1)))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)], step
+
+
+def _tile(buf, k, rows):
+    """A (k, rows) matrix on the front of a reused flat buffer (no fresh pages per block)."""
+    return buf[:k * rows].view(k, rows)
+
+
+def _forward(zr, cb, temperature, entropy):
+    """(indices (N,) with -1 for NaN rows, stats (N, 4), P C (N, D), a (K,) or None): per block of rows, one GEMM
+    gives every code's logit (codes x rows, so that the GEMM runs along the long code axis), and the max, argmax,
+    both normalisers, H, P C and the block's share of a follow from it. stats = [m = max L, log sum exp(L - m),
     log sum exp((L - m) / T), H(p)]: log P = L - m - stats[1] and log p = (L - m) / T - stats[2], with no
     cancellation of large logits (L / T and its logsumexp would each carry float32 rounding of their size)."""
-    n = zr.shape[0]
-    m = None
-    nan = torch.zeros(n, dtype=torch.bool, device=zr.device)
-    for blk in code_blocks(n, cb.shape[0]):
-        logits = zr @ cb[blk].t()
-        nan |= logits.isnan().any(1)
-        bm, barg = logits.max(1)  # the first maximum of the block: the lowest index wins ties
-        if m is None:
-            m, ind = bm.clone(), barg + blk.start
-            s1, s_t, w_t, pc = (zr.new_zeros(n), zr.new_zeros(n), zr.new_zeros(n), torch.zeros_like(zr))
-        ind = torch.where(bm > m, barg + blk.start, ind)  # strictly greater: earlier blocks win ties
-        new = torch.maximum(m, bm)
-        shift = m - new
-        e1 = (logits - new[:, None]).exp_()
-        s1 = s1 * shift.exp() + e1.sum(1)
-        pc = pc * shift.exp()[:, None] + e1 @ cb[blk]
-        if entropy:  # s_t = sum exp((L - m) / T), w_t = sum exp((L - m) / T) (L - m), both relative to the max m
-            a_t = (shift / temperature).exp()
-            centred = logits - new[:, None]
-            e_t = (centred / temperature).exp_()
-            w_t = a_t * (w_t + shift * s_t) + (e_t * centred).sum(1)
-            s_t = a_t * s_t + e_t.sum(1)
-        m = new
-    log_t = s_t.log() if entropy else torch.zeros_like(m)
-    h = log_t - w_t / (temperature * s_t) if entropy else torch.zeros_like(m)
-    stats = torch.stack([m, s1.log(), log_t, h], 1)
-    return ind.masked_fill_(nan, -1), stats, pc / s1[:, None]
+    n, k = zr.shape[0], cb.shape[0]
+    blocks, step = row_blocks(n, k)
+    ind = torch.empty(n, dtype=torch.int64, device=zr.device)
+    stats = zr.new_zeros(n, 4)
+    pc = torch.empty_like(zr)
+    avg = zr.new_zeros(k) if entropy else None
+    buf_l, buf_e = zr.new_empty(k * step), zr.new_empty(k * step)
+    for blk in blocks:
+        nb = blk.stop - blk.start
+        lt = torch.mm(cb, zr[blk].t(), out=_tile(buf_l, k, nb))
+        m, arg = lt.max(0)  # the first maximum: the lowest index wins ties; NaN wins (and is flagged below)
+        centred = lt.sub_(m)
+        e = torch.exp(centred, out=_tile(buf_e, k, nb))
+        s1 = e.sum(0)
+        torch.mm(e.t(), cb, out=pc[blk]).div_(s1[:, None])
+        ind[blk] = arg.masked_fill_(m.isnan(), -1)
+        stats[blk, 0], stats[blk, 1] = m, s1.log()
+        if entropy:  # e = exp((L - m) / T); H = log s_t - sum e (L - m) / (T s_t)
+            e = torch.div(centred, temperature, out=e).exp_()
+            s_t = e.sum(0)
+            avg.addmv_(e, s_t.reciprocal())
+            log_t = s_t.log()
+            stats[blk, 2], stats[blk, 3] = log_t, log_t - centred.mul_(e).sum(0) / (temperature * s_t)
+    return ind, stats, pc, None if avg is None else avg.div_(n)
 
 
-def _log_p(logits, stats, temperature):
-    """log softmax(L / T) of a block of logits, in place."""
-    return logits.sub_(stats[:, 0:1]).div_(temperature).sub_(stats[:, 2:3])
-
-
-def _column_sums(zr, cb, stats, temperature):
-    """(K,) a_k = mean over rows of p_ik."""
-    avg = zr.new_empty(cb.shape[0])
-    for blk in code_blocks(zr.shape[0], cb.shape[0]):
-        avg[blk] = _log_p(zr @ cb[blk].t(), stats, temperature).exp_().sum(0)
-    return avg.div_(zr.shape[0])
-
-
-def _rho(zr, cb, stats, temperature, d_avg):
-    """(N,) rho_i = sum_k p_ik d_avg_k."""
-    rho = zr.new_zeros(zr.shape[0])
-    for blk in code_blocks(zr.shape[0], cb.shape[0]):
-        rho += _log_p(zr @ cb[blk].t(), stats, temperature).exp_() @ d_avg[blk]
-    return rho
-
-
-def _gradients(zr, cb, g, g_hard, ind, stats, delta, rho, d_avg, c_s, temperature):
-    """(dz, dC) through the logits (dL as in the module docstring, c_s = dS / (N T); rho and d_avg None without
-    a batch-average gradient, c_s None without a per-sample-entropy gradient), plus one_hot^T g_hard to dC."""
-    n = zr.shape[0]
-    dz = torch.zeros_like(zr)
-    dc = torch.empty_like(cb)
-    for blk in code_blocks(n, cb.shape[0]):
-        logits = zr @ cb[blk].t()
-        dl = (logits - stats[:, 0:1] - stats[:, 1:2]).exp_().mul_(g @ cb[blk].t() - delta[:, None])
-        if c_s is not None or rho is not None:
-            logp = _log_p(logits, stats, temperature)
-            p = logp.exp()
+def _backward(zr, cb, g, g_hard, ind, stats, delta, d_avg, c_s, temperature):
+    """(dz, dC) through the logits (dL as in the module docstring, c_s = dS / (N T); d_avg None without a
+    batch-average gradient, c_s None without a per-sample-entropy gradient), plus one_hot^T g_hard to dC. Per block
+    of rows, one GEMM gives L and dP = g C^T side by side; rho needs the whole row of p, which the block holds."""
+    n, k = zr.shape[0], cb.shape[0]
+    blocks, step = row_blocks(n, k)
+    dz = torch.empty_like(zr)
+    dc = cb.new_zeros(k + 1, cb.shape[1])  # an extra slot for the hard path's index -1
+    buf_y, buf_p = zr.new_empty(2 * k * step), zr.new_empty(k * step)
+    for blk in blocks:
+        nb = blk.stop - blk.start
+        y = torch.mm(cb, torch.cat([zr[blk], g[blk]]).t(), out=_tile(buf_y, k, 2 * nb))
+        centred, dl = y[:, :nb].sub_(stats[blk, 0]), y[:, nb:]
+        p = torch.sub(centred, stats[blk, 1], out=_tile(buf_p, k, nb)).exp_()
+        dl.sub_(delta[blk]).mul_(p)  # P (dP - delta)
+        if c_s is not None or d_avg is not None:
+            log_p = centred.div_(temperature).sub_(stats[blk, 2])
+            p = torch.exp(log_p, out=p)
+            rho = None if d_avg is None else torch.mv(p.t(), d_avg)
             if c_s is not None:
-                dl -= c_s * p * (logp + stats[:, 3:4])
+                dl.sub_(log_p.add_(stats[blk, 3]).mul_(p).mul_(c_s))
             if rho is not None:
-                dl += p * (d_avg[blk][None, :] - rho[:, None]) / (n * temperature)
-        dz += dl @ cb[blk]
-        dc[blk] = dl.t() @ zr
-    return dz, dc + scatter_rows(_slots(ind, cb.shape[0]), g_hard, cb.shape[0] + 1)[:-1]
+                dl.addcmul_(p, torch.sub(d_avg[:, None], rho, out=centred), value=1.0 / (n * temperature))
+        torch.mm(dl.t(), cb, out=dz[blk])
+        dc[:k].addmm_(dl, zr[blk])
+    return dz, dc.index_put_((_slots(ind, k),), g_hard, accumulate=True)[:k]
 
 
 class CodePasses(NamedTuple):
     """A backend's passes over the codes (the rest of IBQ is O(N D + K D) PyTorch shared through `forward` and
     `backward`). zr (N, D) and cb (K, D): contiguous, in the accumulation dtype.
-    sweep(zr, cb, temperature, entropy) -> (indices, stats, P C); column_sums(zr, cb, stats, temperature) -> (K,);
-    rho(zr, cb, stats, temperature, d_avg) -> (N,); gradients(zr, cb, g, g_hard, ind, stats, delta, rho, d_avg, c_s,
-    temperature) -> (dz, dC)."""
-    sweep: Callable
-    column_sums: Callable
-    rho: Callable
-    gradients: Callable
+    forward(zr, cb, temperature, entropy) -> (indices, stats, P C, a or None);
+    backward(zr, cb, g, g_hard, ind, stats, delta, d_avg, c_s, temperature) -> (dz, dC)."""
+    forward: Callable
+    backward: Callable
 
 
-PASSES = CodePasses(_sweep, _column_sums, _rho, _gradients)
+PASSES = CodePasses(_forward, _backward)
 
 
 def _inputs(z, codebook, dim):
@@ -133,10 +120,9 @@ def _codes(cb, ind):
 def forward(passes, z, codebook, dim, beta, temperature, entropy):
     """ibq_forward with the code passes of `passes`."""
     zr, cb = _inputs(z, codebook, dim)
-    ind, stats, pc = passes.sweep(zr, cb, temperature, entropy)
+    ind, stats, pc, avg = passes.forward(zr, cb, temperature, entropy)
     e = _codes(cb, ind)
     quant_loss = (e - zr).square().sum() * ((2.0 + beta) / zr.numel())
-    avg = passes.column_sums(zr, cb, stats, temperature) if entropy else None
     ps = stats[:, 3].mean() if entropy else None
     return (unrows(e.to(z.dtype), z, dim), ind.view(index_shape(z, dim)), avg, ps, quant_loss, stats, pc)
 
@@ -155,10 +141,9 @@ def backward(passes, dq, d_avg, d_ps, d_quant, z, codebook, indices, stats, pc, 
         g_hard = g + beta * diff
         dz -= 2.0 * diff
     delta = (g * pc).sum(1)
-    rho = None if d_avg is None else passes.rho(zr, cb, stats, temperature, d_avg.to(zr.dtype))
     c_s = None if d_ps is None else d_ps.to(zr.dtype) / (n * temperature)
-    dz_l, dc = passes.gradients(zr, cb, g, g_hard, ind, stats, delta, rho,
-                                None if d_avg is None else d_avg.to(zr.dtype), c_s, temperature)
+    dz_l, dc = passes.backward(zr, cb, g, g_hard, ind, stats, delta, None if d_avg is None else d_avg.to(zr.dtype),
+                               c_s, temperature)
     return unrows((dz + dz_l).to(z.dtype), z, dim), dc.to(codebook.dtype)
 
 
