@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import _measure  # noqa: E402
+from report import fmt_bytes, fmt_time  # noqa: E402
 
 MACS_PER_NKD = 7  # the count of multiply-adds per row x code x channel, forward + backward with entropy
 
@@ -74,16 +75,6 @@ def _case(name, n, k, d, device_name, budget_s):
     return {"status": "ok", **_measure.measure(step, device, budget_s, 1, 5)}
 
 
-def _fmt_time(ms):
-    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
-
-
-def _fmt_mem(b):
-    if b is None:
-        return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
-
 def _run(n, k, d, device, budget):
     dense_bytes = 9 * 4 * n * k  # about nine float32 rows x codes tensors
     dense_n = n
@@ -96,7 +87,7 @@ def _run(n, k, d, device, budget):
     print(f"\nIBQ with entropy, forward+backward: {k} codes x {d}, {n} rows, device {device}")
     if dense_n != n:
         print(f"dense formula at {dense_n} rows (its rows x codes tensors would pass the memory budget of "
-              f"{_fmt_mem(budget)} at {n})")
+              f"{fmt_bytes(budget)} at {n})")
     print("| implementation | rows | time (median) | peak memory |" + (" tensor-core bound |" if device.type == "cuda" else ""))
     print("|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
     for name, rows in cases:
@@ -112,7 +103,7 @@ def _run(n, k, d, device, budget):
             print(f"| {name} | {rows} | {res.get('note')} | |", flush=True)
             continue
         ms = res["times_ms"]["median"]
-        line = f"| {name} | {rows} | {_fmt_time(ms)} | {_fmt_mem(res['peak_bytes'])} |"
+        line = f"| {name} | {rows} | {fmt_time(ms)} | {fmt_bytes(res['peak_bytes'])} |"
         if device.type == "cuda":
             peak = _measure.peak_tflops(torch.cuda.get_device_name(device))
             bound_s = MACS_PER_NKD * 2 * rows * k * d / (peak["tf32"] * 1e12) if peak else None

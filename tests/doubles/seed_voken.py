@@ -1,10 +1,11 @@
 """SEED-Voken's IndexPropagationQuantize (TencentARC/SEED-Voken, src/IBQ/modules/vqvae/quantize.py), written from
 the published formulas: the dense logits, softmax, one-hot and einsums over NCHW latents, and MAGVIT-v2's entropy
 loss on the (rows, codes) logits."""
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .taming import init_remap, remap_to_used
 
 
 def entropy_loss(logits, temperature, sample_weight, batch_weight, eps=1e-5):
@@ -26,31 +27,13 @@ class IndexPropagationQuantize(nn.Module):
         super().__init__()
         self.n_e, self.e_dim, self.beta, self.use_entropy_loss = n_e, e_dim, beta, use_entropy_loss
         self.embedding = nn.Embedding(n_e, e_dim)  # N(0, 1), nn.Embedding's own initialisation
-        self.remap = remap
-        self.re_embed = n_e
-        if remap is not None:
-            self.register_buffer("used", torch.tensor(np.load(remap)))
-            self.re_embed = self.used.shape[0]
-            self.unknown_index = unknown_index
-            if unknown_index == "extra":
-                self.unknown_index = self.re_embed
-                self.re_embed += 1
+        init_remap(self, n_e, remap, unknown_index)
         self.cosine_similarity = cosine_similarity
         self.entropy_temperature = entropy_temperature
         self.sample_minimization_weight = sample_minimization_weight
         self.batch_maximization_weight = batch_maximization_weight
 
-    def remap_to_used(self, inds):
-        shape = inds.shape
-        inds = inds.reshape(shape[0], -1)
-        match = (inds[:, :, None] == self.used.to(inds)[None, None, :]).long()
-        new = match.argmax(-1)
-        unknown = match.sum(2) < 1
-        if self.unknown_index == "random":
-            new[unknown] = torch.randint(0, self.re_embed, size=new[unknown].shape, device=new.device)
-        else:
-            new[unknown] = self.unknown_index
-        return new.reshape(shape)
+    remap_to_used = remap_to_used
 
     def forward(self, z, temp=None, return_logits=False):
         logits = torch.einsum("bdhw,nd->bnhw", z, self.embedding.weight)

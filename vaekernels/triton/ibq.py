@@ -65,18 +65,24 @@ def _columns(ptr, rows, row_ok, part, D, BLOCK_O: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(owned, long, per_split, BLOCK: tl.constexpr):
+    """(the program's tile of the axis it owns, its mask, its split, the split's [start, stop) along the axis it
+    loops over): axis 0 of the grid tiles the owned axis, axis 1 splits the long one."""
+    tile = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    split = tl.program_id(1)
+    start = split * per_split
+    return tile, tile < owned, split, start, tl.minimum(start + per_split, long)
+
+
+@triton.jit
 def _sweep_kernel(z_ptr, cb_ptr, state_ptr, ind_ptr, pc_ptr, N, K, D, codes_per_split, inv_t,
                   ENTROPY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr):
     """For the program's rows and code range: state[split, :, n] = (max L, sum exp(L - m), sum exp((L - m) / T),
     sum exp((L - m) / T) (L - m), any NaN), ind[split, n] = first argmax (both written by column chunk 0),
     pc[split, n, chunk] = sum exp(L - m) C[:, chunk]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    split = tl.program_id(1)
+    rows, row_ok, split, start, stop = _program_tile(N, K, codes_per_split, BLOCK_M)
     part = tl.program_id(2)
-    start = split * codes_per_split
-    stop = tl.minimum(start + codes_per_split, K)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_M,), tl.int32)
     nan = tl.zeros((BLOCK_M,), tl.int32)
@@ -130,11 +136,7 @@ def _row_stats(stats_ptr, rows, row_ok):
 def _column_kernel(z_ptr, cb_ptr, stats_ptr, out_ptr, N, K, D, rows_per_split, inv_t, scale,
                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[split, k] = scale * sum over the split's rows of p_nk = exp((L - m) / T - log s_t)."""
-    codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    code_ok = codes < K
-    split = tl.program_id(1)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, N)
+    codes, code_ok, split, start, stop = _program_tile(K, N, rows_per_split, BLOCK_K)
     acc = tl.zeros((BLOCK_K,), tl.float32)
     for n0 in range(start, stop, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
@@ -174,11 +176,7 @@ def _logit_grad(logits, dp, m, log_1, log_t, h, delta, rho, d_avg, c_s, c_a, inv
 def _rho_kernel(z_ptr, cb_ptr, stats_ptr, d_avg_ptr, out_ptr, N, K, D, codes_per_split, inv_t,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[split, n] = sum over the split's codes of p_nk d_a_k."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    split = tl.program_id(1)
-    start = split * codes_per_split
-    stop = tl.minimum(start + codes_per_split, K)
+    rows, row_ok, split, start, stop = _program_tile(N, K, codes_per_split, BLOCK_M)
     m, _, log_t, _ = _row_stats(stats_ptr, rows, row_ok)
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(start, stop, BLOCK_K):
@@ -196,12 +194,8 @@ def _dz_kernel(z_ptr, cb_ptr, g_ptr, stats_ptr, delta_ptr, rho_ptr, d_avg_ptr, o
                inv_t, c_s, c_a, HAS_S: tl.constexpr, HAS_A: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr):
     """out[split, n, chunk] = sum over the split's codes of dL_nk C[k, chunk]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    split = tl.program_id(1)
+    rows, row_ok, split, start, stop = _program_tile(N, K, codes_per_split, BLOCK_M)
     part = tl.program_id(2)
-    start = split * codes_per_split
-    stop = tl.minimum(start + codes_per_split, K)
     m, log_1, log_t, h = _row_stats(stats_ptr, rows, row_ok)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     rho = _optional(rho_ptr, rows, row_ok, HAS_A)
@@ -226,12 +220,8 @@ def _dc_kernel(z_ptr, cb_ptr, g_ptr, g_hard_ptr, ind_ptr, stats_ptr, delta_ptr, 
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_O: tl.constexpr):
     """out[split, k, chunk] = sum over the split's rows of dL_nk z[n, chunk] + [ind_n = k] g_hard[n, chunk]."""
-    codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    code_ok = codes < K
-    split = tl.program_id(1)
+    codes, code_ok, split, start, stop = _program_tile(K, N, rows_per_split, BLOCK_K)
     part = tl.program_id(2)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, N)
     d_avg = _optional(d_avg_ptr, codes, code_ok, HAS_A)
     acc = tl.zeros((BLOCK_K, BLOCK_O), tl.float32)
     for n0 in range(start, stop, BLOCK_N):
