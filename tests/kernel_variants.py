@@ -122,9 +122,9 @@ def lfq(call, device: torch.device) -> None:
 
 def ibq(call, device: torch.device) -> None:
     """IBQ's sweep with and without the entropy, its column sums, rho, dz and dC passes with each gradient (all,
-    the quantization loss alone: no entropy terms, the batch distribution alone); every tile plan (D <= 64, <= 128,
-    up to 256), several code and row ranges, tails, channel-first; float16 and bfloat16 inputs (one tf32 product
-    for the logits)."""
+    the quantization loss alone: no entropy terms, the batch distribution alone); every column-chunk plan (D <= 64:
+    one chunk; D = 100: dC in two; D = 256: P C and dz in two, dC in four), several code and row ranges, tails,
+    channel-first; float16 and bfloat16 inputs (one tf32 product for the logits)."""
     one = torch.ones((), device=device)
     cases = [((70, 8), -1, 300), ((2, 20, 3, 3), 1, 130), ((24, 100), -1, 40), ((20, 256), -1, 70)]
     for dtype in DTYPES:

@@ -62,7 +62,7 @@ def _data(zshape, k, dtype=torch.float64, seed=0, scale=1.0, device="cpu"):
 
 NAMES = ("quantized", "quant_loss", "per_sample_entropy", "codebook_entropy", "entropy_loss")
 COMBOS = [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0.7, -1.3, 0.4, 2.1, 0.5)]
-# (z shape, codes, keywords, tile): channel-last and channel-first, one code block and several (K not a multiple
+# (z shape, codes, keywords, tile): channel-last and channel-first, one row block and several (N not a multiple
 # of the block), entropy off, other temperatures and weights
 CASES = [
     ((7, 5), 11, dict(), None),
@@ -112,8 +112,8 @@ def test_gradcheck_reference():
 
 @pytest.mark.parametrize("tile", [None, 6])
 def test_ties_take_the_lowest_index(tile):
-    """Equal logits within a code block and across blocks (duplicate codes 1, 4 and 7): the lowest index wins;
-    the soft path still spreads the gradient over every duplicate, as the dense formula does."""
+    """Equal logits (duplicate codes 1, 4 and 7), all rows in one block and one row per block: the lowest index
+    wins; the soft path still spreads the gradient over every duplicate, as the dense formula does."""
     z, cb = _data((6, 4), 9, seed=4)
     cb = cb.detach().clone()
     cb[4], cb[7] = cb[1], cb[1]
@@ -121,7 +121,7 @@ def test_ties_take_the_lowest_index(tile):
     cb.requires_grad_()
     with pytest.MonkeyPatch.context() as mp_:
         if tile is not None:
-            mp_.setattr(ref, "_TILE_ELEMENTS", tile)  # one code per block: the duplicates in separate blocks
+            mp_.setattr(ref, "_TILE_ELEMENTS", tile)  # fewer logits than one row has: one row per block
         got = vk.index_backprop_quantize(z, cb, entropy_temperature=0.5)
         want = dense(z, cb, entropy_temperature=0.5)
         assert (got.indices == 1).all() and torch.equal(got.indices, want.indices)
@@ -320,8 +320,8 @@ def test_module():
 
 # fused-kernel cases: one row, fewer codes than a tile, row and code tails, several code ranges in the sweep and
 # the dz pass and several row ranges in the column sums and dC (their partial states merged), D not a power of two
-# (one case above 64, another tile plan; one above 128: the logits over four D chunks, the D-wide accumulators in
-# two column chunks), channel-first, entropy off, the training temperature 0.01
+# (100: the logits over seven D chunks, dC in two column chunks; 200: P C and dz in two column chunks, dC in four),
+# channel-first, entropy off, the training temperature 0.01
 FUSED_CASES = [
     ((1, 5), 3, dict()),
     ((37, 8), 70, dict(entropy_temperature=0.3)),
