@@ -33,6 +33,8 @@
 #       compile    bench/run.py for torch.compile of the eager formulas alone (about 90 graphs: slow)
 #       lfq        bench/lfq.py: LFQ at 2^18 codes x 16384 tokens, Triton and PyTorch backends and
 #                  vector-quantize-pytorch (at fewer tokens), time, peak memory, fraction of the tensor-core bound
+#       ibq        bench/ibq.py: IBQ with entropy at 2^18 codes x 2048 tokens x 256, Triton and PyTorch backends and
+#                  the dense formula, time, peak memory, fraction of the tensor-core bound
 #       sanitizer  compute-sanitizer memcheck and racecheck (stages memcheck, racecheck) over tests/test_cuda.py
 #                  at reduced sizes
 #     <name>-gpu_check-summary.json: as for first-contact.
@@ -88,6 +90,7 @@ LATER=(
   "bench 540 \"\$PY\" bench/run.py --no-progress --save --dispatch --readme \$BENCH_ARGS"
   "compile 540 \"\$PY\" bench/run.py --no-progress --competitors torch.compile --json \"\$NAME-compile.json\""
   "lfq 540 \"\$PY\" bench/lfq.py"
+  "ibq 540 \"\$PY\" bench/ibq.py"
   "memcheck 540 $check_cuda --tool memcheck --log-file \"\$NAME-memcheck.log\" $cuda_tests"
   "racecheck 540 $check_cuda --tool racecheck --log-file \"\$NAME-racecheck.log\" $cuda_tests"
 )
@@ -128,7 +131,7 @@ else
     esac
     for name in "${expanded[@]}"; do
       if [[ $known != *" $name "* ]]; then
-        echo "unknown stage '$name' (install info tests bench compile lfq sanitizer; or first-contact, plan)" >&2
+        echo "unknown stage '$name' (install info tests bench compile lfq ibq sanitizer; or first-contact, plan)" >&2
         exit 2
       fi
       for row in "${LATER[@]}"; do [ "${row%% *}" != "$name" ] || rows+=("$row"); done

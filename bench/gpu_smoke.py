@@ -39,6 +39,8 @@ OUTPUTS = {  # the contract's output names, for the messages
     "vq_backward": ("dz", "dcodebook"),
     "lfq_forward": ("quantized", "indices", "avg", "per_sample_entropy", "commitment"),
     "lfq_backward": ("dx",),
+    "ibq_forward": ("quantized", "indices", "avg", "per_sample_entropy", "quant_loss", "stats", "pc"),
+    "ibq_backward": ("dz", "dcodebook"),
 }
 SCALE = 10  # times conftest's per-dtype tolerance, as tests/test_backends.py allows for sums and the rotation map
 UNCOMPARED = "the interpreter's tl.dot on bfloat16 operands is wrong (a GPU compares them)"

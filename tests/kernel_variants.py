@@ -4,7 +4,8 @@ Each op x dtype x precision x flag: the Gaussian forward and backward of every K
 sampling and priors, in one and many programs, on aligned and misaligned data, the seed on the host and on the
 device; the search with and without the VQ epilogue and its EMA sums, every precision (16-bit rows on the
 tensor-core paths too), D in one tile and looped, rows channel-first and channel-last; the VQ backward with each
-estimator and optional gradient; the deterministic paths; the int64-offset variants; LFQ's code passes. Two users:
+estimator and optional gradient; the deterministic paths; the int64-offset variants; LFQ's and IBQ's code passes.
+Two users:
 - tests/test_triton_compile.py records the Triton launches the workload makes under the interpreter and compiles
   each for real GPUs;
 - bench/gpu_smoke.py runs it on each fused backend against the reference (bench/gpu_check.sh first-contact on a
@@ -30,6 +31,7 @@ def run(call, device: torch.device) -> None:
     gaussian(call, device)
     vq(call, device)
     lfq(call, device)
+    ibq(call, device)
     with _int64_offsets():
         _wide(call, device)
     with _device_seeds(device):
@@ -116,6 +118,28 @@ def lfq(call, device: torch.device) -> None:
                 for d_avg, d_ps in [(torch.ones_like(avg), one), (torch.ones_like(avg), None), (None, one)][
                         : 3 if clamped and dtype == torch.float32 else 1]:
                     call("lfq_backward", torch.ones_like(q), d_avg, d_ps, one, *args)
+
+
+def ibq(call, device: torch.device) -> None:
+    """IBQ's sweep with and without the entropy, its column sums, rho, dz and dC passes with each gradient (all,
+    the quantization loss alone: no entropy terms, the batch distribution alone); every column-chunk plan (D <= 64:
+    one chunk; D = 100: dC in two; D = 256: P C and dz in two, dC in four), several code and row ranges, tails,
+    channel-first; float16 and bfloat16 inputs (one tf32 product for the logits)."""
+    one = torch.ones((), device=device)
+    cases = [((70, 8), -1, 300), ((2, 20, 3, 3), 1, 130), ((24, 100), -1, 40), ((20, 256), -1, 70)]
+    for dtype in DTYPES:
+        for shape, dim, k in cases if dtype == torch.float32 else cases[:1]:
+            g = torch.Generator().manual_seed(0)
+            z = torch.randn(shape, generator=g).to(device, dtype)
+            cb = torch.randn(k, shape[dim], generator=g).to(device, dtype)
+            dim = dim % z.dim()
+            for entropy in (True, False) if dtype == torch.float32 else (True,):
+                q, ind, avg, ps, quant, stats, pc = call("ibq_forward", z, cb, dim, 0.25, 0.5, entropy)
+                rest = (z, cb, ind, stats, pc, dim, 0.25, 0.5)
+                d_avg = torch.ones(k, device=device)
+                grads = [(d_avg, one, one), (None, None, one), (d_avg, None, None)]
+                for d_avg, d_ps, d_quant in grads if entropy else grads[1:2]:
+                    call("ibq_backward", torch.ones_like(q), d_avg, d_ps, d_quant, *rest)
 
 
 def _sampling(call, device: torch.device) -> None:

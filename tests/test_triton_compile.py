@@ -45,7 +45,8 @@ def _spec(a):
 
 def _record(monkeypatch) -> list[dict]:
     """Patch the interpreter's launch to log (kernel, argument types and values, constexprs) instead of running
-    it; in deterministic mode the search's kernels still run, since the segment sums sort the indices they write."""
+    it; in deterministic mode the search's kernels still run, since the segment sums sort the indices they write, and
+    IBQ's sweep always does, since the host gathers the codes of its indices."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches, run = [], InterpretedFunction.run
@@ -55,6 +56,8 @@ def _record(monkeypatch) -> list[dict]:
         launches.append({"kernel": f"{fn.__module__}.{fn.__name__}", "args": [_spec(a) for a in args],
                          "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}})
         if fn.__name__ in _SEARCH_PIPELINE and torch.are_deterministic_algorithms_enabled():
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if fn.__module__.endswith("triton.ibq") and fn.__name__ == "_sweep_kernel":  # the host gathers its codes
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", logging_run)
@@ -77,6 +80,7 @@ def _plan(launches: list[dict]) -> list[dict]:
         widest = (launch["kernel"].endswith("_search_kernel") and not kw.get("ONE_D_TILE") and not kw.get("WIDE")
                   and launch["args"][0]["dtype"] == "float32")
         lfq_dot = launch["kernel"].endswith("lfq._average_kernel")  # LFQ's tf32x3 tl.dot, lowered per arch too
+        lfq_dot |= ".triton.ibq." in launch["kernel"]  # and IBQ's, every kernel
         out.append({**launch, "archs": [80, 90] if widest or lfq_dot else [90], "all_configs": bool(widest)})
     return sorted(out, key=lambda launch: -launch["all_configs"])  # the heavy ones split evenly across shards
 
@@ -101,10 +105,10 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
     kernel_variants.run(lambda name, *args: getattr(vkt, name)(*args), torch.device("cpu"))
     monkeypatch.undo()
 
-    from vaekernels.triton import _common, gaussian, lfq, vq
+    from vaekernels.triton import _common, gaussian, ibq, lfq, vq
 
     launched = {launch["kernel"] for launch in launches}
-    every_kernel = _jit_kernels(_common) | _jit_kernels(gaussian) | _jit_kernels(vq) | _jit_kernels(lfq)
+    every_kernel = set().union(*(_jit_kernels(m) for m in (_common, gaussian, vq, lfq, ibq)))
     assert every_kernel - launched == set(), "the workload misses kernels: add them to it"
     (tmp_path / "launches.json").write_text(json.dumps(_plan(launches)))
     # compiled kernels, every autotuning config (conftest turns autotuning off); Triton's own cache: reruns are fast
@@ -127,10 +131,12 @@ def test_every_kernel_compiles_for_gpus(monkeypatch, tmp_path):
         assert all(r["fits"] for r in compiled if not r["autotuned"]), [r for r in compiled if not r["fits"]]
         assert any(r["fits"] for r in compiled if r["autotuned"])
         # register spills (ptxas stack): at most 32 bytes in fixed-config kernels, the frames of libdevice helpers
-        # (64-bit division in the int64-offset variants; with Triton 3.6, the Philox normals' transcendentals), and
-        # each search variant compiled in every config has a config that spills at most a few words
+        # (64-bit division in the int64-offset variants; with Triton 3.6, the Philox normals' transcendentals)
         spills = [r for r in compiled if not r["autotuned"] and r["stack"] > 32]
         assert not spills, json.dumps(spills)
+        # IBQ's kernels (no libdevice calls, tiles sized for it) spill nothing
+        ibq_spills = [r for r in compiled if ".triton.ibq." in r["kernel"] and r["stack"] > 0]
+        assert not ibq_spills, json.dumps(ibq_spills)
         by_variant = {}
         for r in (r for r in search if r["all_configs"]):
             by_variant.setdefault(json.dumps(r["constexprs"], sort_keys=True), []).append(r["stack"])

@@ -121,7 +121,8 @@ def resolve_name(op: str, device: torch.device, size: tuple[int, ...] = ()) -> s
 
 # the dispatch points and what their `size` is: elements for the Gaussian ops, (N rows, K codes, D) for VQ
 DISPATCH_OPS = {"gaussian_fwd": ("elements",), "gaussian_bwd": ("elements",), "nearest_code": ("N", "K", "D"),
-                "vq_fwd": ("N", "K", "D"), "vq_bwd": ("N", "K", "D"), "lfq_fwd": ("N", "K"), "lfq_bwd": ("N", "K")}
+                "vq_fwd": ("N", "K", "D"), "vq_bwd": ("N", "K", "D"), "lfq_fwd": ("N", "K"), "lfq_bwd": ("N", "K"),
+                "ibq_fwd": ("N", "K", "D"), "ibq_bwd": ("N", "K", "D")}
 # the file of "auto"'s verification records and measured tables: the one shipped with the package, or
 # VAEKERNELS_DISPATCH_TABLE, e.g. one for your own GPU written by `python bench/run.py --dispatch` and
 # `python bench/dispatch.py --cuda-verified LOG` (which write to the same path)

@@ -87,6 +87,13 @@ def latent(z, name: str = "z") -> torch.Tensor:
     return z
 
 
+def boolean(name: str, value) -> bool:
+    """`value` must be a bool (not 0 or 1)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def integer(name: str, value, minimum: int = 0) -> int:
     """`value` must be an int (not a bool) of at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int):

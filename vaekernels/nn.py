@@ -1,6 +1,8 @@
 """nn.Modules over the ops: VectorQuantizer (learned or EMA codebook, dead-code restarts, DDP sync),
-ResidualVectorQuantizer, and DiagonalGaussian (the posterior of a VAE encoder)."""
+ResidualVectorQuantizer, IndexBackpropQuantizer (IBQ) and DiagonalGaussian (the posterior of a VAE encoder)."""
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -9,6 +11,7 @@ from torch import Tensor, nn
 from . import _checks
 from ._kmeans import lloyd
 from .ops.gaussian import gaussian_kl, reparameterize_kl
+from .ops.ibq import index_backprop_quantize
 from .ops.vq import VQResult, quantize_with_stats
 from .reference.vq import rows
 
@@ -178,6 +181,73 @@ class ResidualVectorQuantizer(nn.Module):
             sum(r.commitment_loss for r in results),
             torch.stack([r.perplexity for r in results]),
         )
+
+
+class IBQOutput(NamedTuple):
+    """What IndexBackpropQuantizer returns: loss = quant_loss + entropy_weight * entropy_loss; the entropy fields
+    are None without the entropy loss; perplexity: exp of the entropy of this batch's code frequencies."""
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    quant_loss: Tensor
+    per_sample_entropy: Optional[Tensor]
+    codebook_entropy: Optional[Tensor]
+    entropy_loss: Optional[Tensor]
+    perplexity: Tensor
+
+
+class IndexBackpropQuantizer(nn.Module):
+    """An IBQ bottleneck (Shi et al. 2024): the code of maximum inner product, with a gradient to every code through
+    the softmax of the logits, so that very large codebooks (2^18 codes) all train; see
+    `vk.index_backprop_quantize`. The codebook is a Parameter initialised N(0, 1), as SEED-Voken's nn.Embedding.
+    entropy_weight = 0 turns the entropy loss off (it is then not computed). `code_usage` counts rows per code in
+    training since the last `reset_usage()` (all-reduced under torch.distributed); `distributed=True` also averages
+    the entropy's code distribution over ranks."""
+
+    def __init__(self, num_codes: int, code_dim: int, *, dim: int = 1, beta: float = 0.25,
+                 entropy_weight: float = 1.0, entropy_temperature: float = 0.01, sample_entropy_weight: float = 1.0,
+                 codebook_entropy_weight: float = 1.0, eps: float = 1e-5, distributed: bool = False):
+        super().__init__()
+        _checks.integer("num_codes", num_codes, minimum=1)
+        _checks.integer("code_dim", code_dim, minimum=1)
+        self.num_codes, self.code_dim, self.dim = num_codes, code_dim, dim
+        self.beta = _checks.non_negative("beta", beta)
+        self.entropy_weight = _checks.non_negative("entropy_weight", entropy_weight)
+        self.entropy_temperature = _checks.number("entropy_temperature", entropy_temperature, positive=True)
+        self.sample_entropy_weight = _checks.number("sample_entropy_weight", sample_entropy_weight)
+        self.codebook_entropy_weight = _checks.number("codebook_entropy_weight", codebook_entropy_weight)
+        self.eps = _checks.number("eps", eps, positive=True)
+        self.distributed = _checks.boolean("distributed", distributed)
+        self.codebook = nn.Parameter(torch.randn(num_codes, code_dim))
+        self.register_buffer("code_usage", torch.zeros(num_codes), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, dim={self.dim}, beta={self.beta}, "
+                f"entropy_weight={self.entropy_weight}, entropy_temperature={self.entropy_temperature}")
+
+    def forward(self, z: Tensor) -> IBQOutput:
+        entropy = self.entropy_weight > 0
+        r = index_backprop_quantize(z, self.codebook, dim=self.dim, beta=self.beta,
+                                    entropy_temperature=self.entropy_temperature,
+                                    sample_entropy_weight=self.sample_entropy_weight,
+                                    codebook_entropy_weight=self.codebook_entropy_weight, eps=self.eps,
+                                    entropy=entropy, distributed=self.distributed)
+        flat = r.indices.reshape(-1)
+        counts = torch.zeros(self.num_codes + 1, dtype=r.quant_loss.dtype, device=flat.device)
+        counts = counts.index_put_((flat.remainder(self.num_codes + 1),), torch.ones_like(flat, dtype=counts.dtype),
+                                   accumulate=True)[:-1]  # -1 (NaN rows) lands in the dropped last slot
+        perplexity = torch.special.entr(counts / counts.sum().clamp_min(1)).sum().exp()
+        if self.training:
+            with torch.no_grad():
+                if _distributed():
+                    dist.all_reduce(counts)
+                self.code_usage.add_(counts.to(self.code_usage.dtype))
+        loss = r.quant_loss + self.entropy_weight * r.entropy_loss if entropy else r.quant_loss
+        return IBQOutput(r.quantized, r.indices, loss, r.quant_loss, r.per_sample_entropy, r.codebook_entropy,
+                         r.entropy_loss, perplexity)
+
+    def reset_usage(self) -> None:
+        self.code_usage.zero_()
 
 
 class DiagonalGaussian(nn.Module):

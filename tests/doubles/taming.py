@@ -4,6 +4,34 @@ import torch
 from torch import nn
 
 
+def init_remap(module, n_e, remap, unknown_index):
+    """The index remapping of taming's quantizers (and of the ones copied from them): indices into the codes listed
+    in the .npy file `remap`, an unknown one replaced by a random index or by `unknown_index` ("extra": one past
+    the listed codes)."""
+    module.remap = remap
+    module.re_embed = n_e
+    if remap is not None:
+        module.register_buffer("used", torch.tensor(np.load(remap)))
+        module.re_embed = module.used.shape[0]
+        module.unknown_index = unknown_index
+        if unknown_index == "extra":
+            module.unknown_index = module.re_embed
+            module.re_embed += 1
+
+
+def remap_to_used(module, inds):
+    shape = inds.shape
+    inds = inds.reshape(shape[0], -1)
+    match = (inds[:, :, None] == module.used.to(inds)[None, None, :]).long()
+    new = match.argmax(-1)
+    unknown = match.sum(2) < 1
+    if module.unknown_index == "random":
+        new[unknown] = torch.randint(0, module.re_embed, size=new[unknown].shape).to(device=new.device)
+    else:
+        new[unknown] = module.unknown_index
+    return new.reshape(shape)
+
+
 class VectorQuantizer2(nn.Module):
     """VQGAN's quantizer: NCHW input, distances by the expanded square, argmin, losses with `legacy` beta
     placement (legacy=True weighs the codebook term by beta), straight-through output, optional index remapping
@@ -14,28 +42,10 @@ class VectorQuantizer2(nn.Module):
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
         self.embedding = nn.Embedding(n_e, e_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
-        self.remap = remap
-        self.re_embed = n_e
-        if remap is not None:
-            self.register_buffer("used", torch.tensor(np.load(remap)))
-            self.re_embed = self.used.shape[0]
-            self.unknown_index = unknown_index
-            if unknown_index == "extra":
-                self.unknown_index = self.re_embed
-                self.re_embed += 1
+        init_remap(self, n_e, remap, unknown_index)
         self.sane_index_shape = sane_index_shape
 
-    def remap_to_used(self, inds):
-        shape = inds.shape
-        inds = inds.reshape(shape[0], -1)
-        match = (inds[:, :, None] == self.used.to(inds)[None, None, :]).long()
-        new = match.argmax(-1)
-        unknown = match.sum(2) < 1
-        if self.unknown_index == "random":
-            new[unknown] = torch.randint(0, self.re_embed, size=new[unknown].shape).to(device=new.device)
-        else:
-            new[unknown] = self.unknown_index
-        return new.reshape(shape)
+    remap_to_used = remap_to_used
 
     def forward(self, z, temp=None, rescale_logits=False, return_logits=False):
         assert temp is None or temp == 1.0, "Only for interface compatible with Gumbel"

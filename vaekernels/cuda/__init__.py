@@ -16,7 +16,7 @@ import torch
 
 from .. import reference
 
-OPS = reference.OPS - {"lfq_fwd", "lfq_bwd"}  # the DISPATCH_OPS it implements: the reference's but LFQ
+OPS = reference.OPS - {"lfq_fwd", "lfq_bwd", "ibq_fwd", "ibq_bwd"}  # the DISPATCH_OPS it implements: the reference's but LFQ and IBQ
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KL_MODES = {"none": 0, "elementwise": 1, "sum": 2, "latent": 3, "sample": 4}
 _PRECISIONS = {"exact": 0, "tf32": 1, "bf16": 2}

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._base import Adapter, bind, patch_class, unbind, unpatch_class
 
-# name for vk.patch(name) -> adapter module; zalando's quantizer has no importable home, so no name
+# name for vk.patch(name) -> adapter module; zalando's and SEED-Voken's quantizers have no importable home, so no name
 LIBRARIES = {
     "diffusers": "diffusers",
     "vector_quantize_pytorch": "vector_quantize_pytorch",
@@ -31,7 +31,7 @@ LIBRARIES = {
     "dac": "dac",
     "snac": "dac",
 }
-_ADAPTER_MODULES = (*dict.fromkeys(LIBRARIES.values()), "zalando")
+_ADAPTER_MODULES = (*dict.fromkeys(LIBRARIES.values()), "zalando", "seed_voken")
 
 
 def _adapters(module_names=_ADAPTER_MODULES) -> list[Adapter]:

@@ -1,4 +1,5 @@
-"""vector-quantize-pytorch's VectorQuantize (and so ResidualVQ, whose layers are VectorQuantize modules).
+"""vector-quantize-pytorch's VectorQuantize (and so ResidualVQ, whose layers are VectorQuantize modules), and its
+SimVQ (and so ResidualSimVQ).
 
 Covered: euclidean and cosine codebooks, EMA updates (decay, Laplace smoothing, dead-code expiry, manual EMA)
 or learnable codebooks, the rotation trick (the default for dim > 1) or the straight-through estimator,
@@ -16,7 +17,7 @@ from functools import partial
 import torch
 
 from .._kmeans import lloyd
-from ..ops.vq import nearest_code, quantize_with_stats
+from ..ops.vq import nearest_code, quantize_with_stats, vector_quantize
 from ._base import Adapter, Uncovered
 from .vector_quantize_pytorch_lfq import INSTALL_HINT, LFQ
 
@@ -184,4 +185,28 @@ class VectorQuantize(Adapter):
         return quantize, embed_ind, loss, lib.LossBreakdown(commit_loss, vq.zero, vq.zero, vq.zero)
 
 
-ADAPTERS = (VectorQuantize(), LFQ())
+class SimVQ(Adapter):
+    """SimVQ (Zhu et al. 2024): every code is code_transform(frozen_codebook), so one linear layer trains them all.
+    Its forward is vector_quantize on that implicit codebook with beta = input_to_quantize_commit_loss_weight and
+    the rotation trick (or, with rotation_trick=False, the straight-through estimator), times commitment_weight:
+    the search, gather, losses and estimator run fused; the gradient reaches the transform through the codebook.
+    Covered: channel_first both ways, any leading shape, frozen_codebook_dim, custom codebook transforms."""
+    name = "vector-quantize-pytorch SimVQ"
+    module = "vector_quantize_pytorch.sim_vq"
+    class_name = "SimVQ"
+    install_hint = INSTALL_HINT
+
+    def forward(self, sim, x):
+        if sim.channel_first:
+            x = x.movedim(1, -1)
+        shape = x.shape
+        r = vector_quantize(x.reshape(shape[0], -1, shape[-1]), sim.codebook,
+                            beta=sim.input_to_quantize_commit_loss_weight,
+                            estimator="rotation" if sim.rotation_trick else "ste")
+        quantized = r.quantized.reshape(shape)
+        if sim.channel_first:
+            quantized = quantized.movedim(-1, 1)
+        return quantized, r.indices.reshape(shape[:-1]), r.loss * sim.commitment_weight
+
+
+ADAPTERS = (VectorQuantize(), LFQ(), SimVQ())

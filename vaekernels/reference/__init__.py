@@ -35,11 +35,26 @@ lfq_forward(x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, c
 lfq_backward(dq, d_avg, d_ps, d_commit, x, dim, inv_temperature, codebook_scale, spherical, num_codebooks, clamped, eps) -> dx
     dq (straight-through to x~), d_avg (num_codebooks, 2^K), d_ps, d_commit (0-d): gradients of lfq_forward's
     outputs, each possibly None; dx: x's shape and dtype, through the spherical normalisation.
+ibq_forward(z, codebook, dim, beta, temperature, entropy) -> (quantized, indices, avg | None, per_sample_entropy | None,
+        quant_loss, stats, pc)
+    z: D channels along dim; codebook (K, D). indices: int64, z's shape without dim, argmax_k <z, c_k> (lowest on
+    ties, -1 for NaN rows); quantized: z's shape and dtype, codebook[indices] (NaN rows for -1); avg: (K,)
+    accumulation-dtype mean over rows of softmax(L / temperature), L = z codebook^T; per_sample_entropy: 0-d mean
+    of its entropies; quant_loss: 0-d (2 + beta) mean((quantized - z)^2); stats: (N, 4) [m = max L, logsumexp(L - m),
+    logsumexp((L - m) / temperature), entropy] per row (the last two zero without entropy); pc: (N, D)
+    softmax(L) codebook.
+    Streams over code blocks: never rows x codes.
+ibq_backward(dq, d_avg, d_ps, d_quant, z, codebook, indices, stats, pc, dim, beta, temperature) -> (dz, dcodebook)
+    dq, d_avg (K,), d_ps, d_quant (0-d): gradients of ibq_forward's outputs, each possibly None; quantized's is
+    IBQ's (through softmax(L) and the hard one-hot). dz: z's shape and dtype; dcodebook: the codebook's.
 """
 from .gaussian import gaussian_backward, gaussian_forward
+from .ibq import ibq_backward, ibq_forward
 from .lfq import lfq_backward, lfq_forward
 from .vq import nearest_code, vq_backward, vq_forward
 
-OPS = frozenset({"gaussian_fwd", "gaussian_bwd", "nearest_code", "vq_fwd", "vq_bwd", "lfq_fwd", "lfq_bwd"})  # the DISPATCH_OPS it implements
+OPS = frozenset({"gaussian_fwd", "gaussian_bwd", "nearest_code", "vq_fwd", "vq_bwd", "lfq_fwd", "lfq_bwd",
+                 "ibq_fwd", "ibq_bwd"})  # the DISPATCH_OPS it implements
 
-__all__ = ["gaussian_forward", "gaussian_backward", "nearest_code", "vq_forward", "vq_backward", "lfq_forward", "lfq_backward"]
+__all__ = ["gaussian_forward", "gaussian_backward", "nearest_code", "vq_forward", "vq_backward", "lfq_forward", "lfq_backward",
+           "ibq_forward", "ibq_backward"]
