@@ -50,6 +50,17 @@ def test_dac_from_latents_and_from_codes():
     torch.testing.assert_close(patched.from_codes(got[2]), rvq.from_codes(got[2]))
 
 
+def test_dac_row_with_nan_gets_index_minus_one_and_nan_output():
+    """NaN stays NaN: the fused search gives the row index -1 and its quantized latent is NaN; other rows as DAC."""
+    rvq, patched = _dac(0.0).eval(), vk.patch(_dac(0.0).eval())
+    z = torch.randn(2, DIM, 20)
+    z[1, :, 7] = float("nan")
+    got, want = patched(z, n_quantizers=1), rvq(z, n_quantizers=1)
+    assert got[1][1, 0, 7] == -1 and torch.isnan(got[0][1, :, 7]).all()
+    assert torch.equal(got[1][0], want[1][0]) and torch.equal(got[1][1, :, :7], want[1][1, :, :7])
+    torch.testing.assert_close(got[0][0], want[0][0])
+
+
 def test_vector_quantize_pytorch_is_not_taken_for_dac():
     vqp = pytest.importorskip("vector_quantize_pytorch")
     audio_peers.load("dac")

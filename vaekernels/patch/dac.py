@@ -29,8 +29,10 @@ class VectorQuantize(Adapter):
         return klass.__name__ == self.class_name and all(m in vars(klass) for m in self.methods)
 
     def decode_latents(self, q, latents):
+        """The nearest codes by cosine; a row with NaN gets index -1 and a NaN code (never a plausible one)."""
         indices = nearest_code(latents, q.codebook.weight, distance="cosine", dim=1)
-        return q.decode_code(indices), indices
+        codes = q.decode_code(indices.clamp_min(0))
+        return codes.masked_fill((indices < 0).unsqueeze(1), float("nan")), indices
 
     def forward(self, q, z):
         stride = getattr(q, "stride", None)  # SNAC's quantizer has one and returns (z_q, indices)
