@@ -32,13 +32,20 @@ def summarize(samples_ms: list[float]) -> dict:
 
 
 def fmt_time(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
+    """A time in milliseconds, in the unit that reads best (µs, ms or s)."""
+    if ms < 1:
+        return f"{ms * 1e3:.1f} µs"
+    return f"{ms:.2f} ms" if ms < 1e3 else f"{ms / 1e3:.2f} s"
 
 
-def fmt_bytes(b: int | None) -> str:
-    if b is None:
+def fmt_bytes(n: int | None) -> str:
+    """A byte count in binary units ("n/a" when unmeasured)."""
+    if n is None:
         return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _runs(estimate_s: float, budget_s: float, min_runs: int, max_runs: int) -> int:

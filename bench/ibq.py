@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import _measure  # noqa: E402
-from report import fmt_bytes, fmt_time  # noqa: E402
+from _measure import fmt_bytes, fmt_time  # noqa: E402
 
-MACS_PER_NKD = 7  # the count of multiply-adds per row x code x channel, forward + backward with entropy
+MACS_PER_NKD = 7  # multiply-adds per row x code x channel that IBQ needs, forward + backward with entropy
 
 
 def _inputs(n, k, d, device):

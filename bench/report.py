@@ -6,24 +6,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from _measure import fmt_bytes, fmt_time
 from comparison import HEADLINE_TARGETS, headline_figures
 from competitors import COMPETITORS
 from shapes import OPS, VAE_OPS
-
-
-def fmt_time(ms: float) -> str:
-    if ms < 1:
-        return f"{ms * 1e3:.1f} µs"
-    return f"{ms:.2f} ms" if ms < 1e3 else f"{ms / 1e3:.2f} s"
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _util(r: dict) -> str:
