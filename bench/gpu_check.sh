@@ -35,6 +35,9 @@
 #                  vector-quantize-pytorch (at fewer tokens), time, peak memory, fraction of the tensor-core bound
 #       ibq        bench/ibq.py: IBQ with entropy at 2^18 codes x 2048 tokens x 256, Triton and PyTorch backends and
 #                  the dense formula, time, peak memory, fraction of the tensor-core bound
+#       audio      bench/audio.py: the audio codecs' quantizers (EnCodec k-means init, EnCodec, DAC and SNAC training
+#                  steps), original against vk.patch, time, peak memory and kernel launches per step (needs the
+#                  packages: docs/gpu.md)
 #       sanitizer  compute-sanitizer memcheck and racecheck (stages memcheck, racecheck) over tests/test_cuda.py
 #                  at reduced sizes
 #     <name>-gpu_check-summary.json: as for first-contact.
@@ -91,6 +94,7 @@ LATER=(
   "compile 540 \"\$PY\" bench/run.py --no-progress --competitors torch.compile --json \"\$NAME-compile.json\""
   "lfq 540 \"\$PY\" bench/lfq.py"
   "ibq 540 \"\$PY\" bench/ibq.py"
+  "audio 540 \"\$PY\" bench/audio.py --json \"\$NAME-audio.json\""
   "memcheck 540 $check_cuda --tool memcheck --log-file \"\$NAME-memcheck.log\" $cuda_tests"
   "racecheck 540 $check_cuda --tool racecheck --log-file \"\$NAME-racecheck.log\" $cuda_tests"
 )
@@ -131,7 +135,7 @@ else
     esac
     for name in "${expanded[@]}"; do
       if [[ $known != *" $name "* ]]; then
-        echo "unknown stage '$name' (install info tests bench compile lfq ibq sanitizer; or first-contact, plan)" >&2
+        echo "unknown stage '$name' (install info tests bench compile lfq ibq audio sanitizer; or first-contact, plan)" >&2
         exit 2
       fi
       for row in "${LATER[@]}"; do [ "${row%% *}" != "$name" ] || rows+=("$row"); done

@@ -116,3 +116,18 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
         monkeypatch.setattr(op, "op", refuse)
     for a, b in zip(step(), dispatched):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_factorized_residual_quantize():
+    """The residual node (an autograd.Function over the search operator) traces whole, with the same gradients."""
+    from .test_rvq import _leaves, make
+    a = make((4, 4, 4), dtype=torch.float32)
+    depth = torch.tensor([3, 1, 2])
+
+    def step(z, cbs, wi, wo, bi, bo):
+        r = vk.factorized_residual_quantize(z, cbs, wi, wo, bi, bo, strides=(2, 1, 1), depth=depth)
+        return r.quantized.square().sum() + r.commitment_loss.sum() + r.codebook_loss.sum()
+    args = (a["z"], a["codebooks"], a["w_in"], a["w_out"], a["b_in"], a["b_out"])
+    want = torch.autograd.grad(step(*args), _leaves(a))
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*args), _leaves(a))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

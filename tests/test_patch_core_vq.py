@@ -197,3 +197,45 @@ def test_kmeans_init_broadcasts_where_the_package_does(package, broadcasts, monk
     cb = vk.patch(lib.EuclideanCodebook(DIM, BINS, kmeans_init=True, kmeans_iters=2))
     cb.init_embed_(torch.randn(64, DIM))
     assert [t.data_ptr() for t in sent] == ([t.data_ptr() for t in cb.buffers()] if broadcasts else [])
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    """Per package, original and patched, each rank on its own data and random state: the buffers after a bare
+    k-means init, and after each of two training steps of a 2-level RVQ (init, dead-code expiry firing)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    x = torch.randn(2, DIM, 24, generator=torch.Generator().manual_seed(10 + rank))
+    for package in ("encodec", "speechtokenizer"):
+        lib = audio_peers.load(package)
+        for name in ("original", "patched"):
+            patch = vk.patch if name == "patched" else (lambda m: m)
+            cb = patch(lib.EuclideanCodebook(DIM, BINS, kmeans_init=True, kmeans_iters=5))
+            torch.manual_seed(20 + rank)
+            cb.init_embed_(x.transpose(1, 2).reshape(-1, DIM))
+            states = [{k: v.clone() for k, v in cb.state_dict().items()}]
+            rvq = patch(_rvq(lib, num_quantizers=2, kmeans_init=True, threshold_ema_dead_code=3)).train()
+            torch.manual_seed(30 + rank)
+            for _ in range(2):
+                rvq(x)
+                states.append({k: v.clone() for k, v in rvq.state_dict().items()})
+            out[package, name] = states
+    torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_train_as_the_original_with_its_broadcasts(tmp_path):
+    """Under torch.distributed (2 gloo ranks, different data), every buffer on every rank equals the original's:
+    the k-means init is rank 0's on both ranks where the package broadcasts it (encodec) and each rank's own where
+    it does not (speechtokenizer); training steps keep the packages' expiry draws and broadcasts."""
+    for package in ("encodec", "speechtokenizer"):
+        audio_peers.load(package)
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    for out in ranks:
+        for package in ("encodec", "speechtokenizer"):
+            torch.testing.assert_close(out[package, "patched"], out[package, "original"], rtol=1e-5, atol=1e-5)
+    for package, broadcast in (("encodec", True), ("speechtokenizer", False)):
+        inits = [out[package, "patched"][0]["embed"] for out in ranks]
+        assert torch.equal(*inits) == broadcast, package

@@ -116,7 +116,7 @@ def _train(module, make_input, call, steps, seed):
     return records, calls.names
 
 
-def assert_trains_the_same(make_module, make_input, call, *, steps=3, seed=0, op="vq_fwd"):
+def assert_trains_the_same(make_module, make_input, call, *, steps=3, seed=0, op="vq_fwd", rtol=1e-5, atol=1e-5):
     """Build the module twice (make_module seeds its own initialisation; modules with torch.nn.utils.weight_norm
     cannot be deep-copied), patch one, train both `steps` steps from the same seed (then an eval call), and check
     equal codes, outputs, losses, gradients and buffers at every step, and that the patched run dispatched
@@ -126,5 +126,5 @@ def assert_trains_the_same(make_module, make_input, call, *, steps=3, seed=0, op
     want, want_ops = _train(original, make_input, call, steps, seed)
     got, got_ops = _train(patched, make_input, call, steps, seed)
     assert want_ops == [] and f"vaekernels::{op}" in got_ops, (want_ops, got_ops)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     return original, patched

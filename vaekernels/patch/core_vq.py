@@ -9,9 +9,9 @@ The residual loops stay the packages' own code (audiocraft's detached levels, fi
 - forward: one fused search with per-code counts and sums in place of the N x K distances, the one-hot and its
   matmul; codes are gathered from the codebook before this step's update. Then, as the original: the package's
   own expire_codes_ (previous cluster_size, its random draw and broadcast), EMA of cluster_size and embed_avg,
-  Laplace smoothing, embed = embed_avg / smoothed sizes. VectorQuantization's forward also takes the
-  straight-through output and the [1]-shaped commitment loss from the fused op, which saves the input it already
-  holds and a copy of the K x D codebook instead of the N x D codes (where K < N).
+  Laplace smoothing, embed = embed_avg / smoothed sizes. The straight-through output and the commitment loss
+  are formed from the gathered codes e; the loss is mean((x - e)^2), which keeps only x - e for backward where
+  the original's mse_loss keeps x and the codes (the residual loop holds every level's for backward).
 - quantize (encode): the fused search.
 """
 from __future__ import annotations
@@ -21,11 +21,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .._kmeans import lloyd
 from ..ops.vq import nearest_code, quantize_with_stats
-from ._base import Adapter, snapshot
+from ._base import Adapter
 
 _ATTRIBUTES = ("embed", "embed_avg", "cluster_size", "inited", "codebook_size", "kmeans_iters", "decay", "epsilon",
                "threshold_ema_dead_code")
@@ -84,15 +83,10 @@ def quantize_and_update(cb, x, dim: int):
     samples = x.detach().movedim(dim, -1)  # a view; copied only for the init and where a code expires
     if not cb.inited:
         cb.init_embed_(samples.reshape(-1, samples.shape[-1]))
-    grad = x.requires_grad and cb.training
-    # the op saves the codebook for backward, a copy since the update rewrites embed: where that is larger than
-    # the gathered codes (fewer rows than codes), the codes take the gradients instead, as the original does
-    in_op = grad and samples.numel() >= cb.embed.numel()
-    r, counts, sums, _ = quantize_with_stats(x if in_op else x.detach(), snapshot(cb.embed) if in_op else cb.embed,
-                                             dim=dim, with_sums=cb.training)
-    if grad and not in_op:
-        e = r.quantized
-        r = r._replace(quantized=x + (e - x).detach(), commitment_loss=F.mse_loss(e, x))
+    r, counts, sums, _ = quantize_with_stats(x.detach(), cb.embed, dim=dim, with_sums=cb.training)
+    if x.requires_grad and cb.training:  # straight-through, and a loss that keeps only x - e for backward
+        e = r.quantized  # (mse_loss would keep both x and e: one more D-wide tensor per level of the residual loop)
+        r = r._replace(quantized=x + (e - x).detach(), commitment_loss=(x - e).square().mean())
     if cb.training:
         with torch.no_grad():
             cb.expire_codes_(samples)

