@@ -10,8 +10,8 @@ import torch
 from .gaussian import acc_dtype
 
 # distances per block: 4 MiB in float32, which stays in a CPU's last-level cache between the GEMM that writes it and
-# the argmin that reads it (on a 2-core EPYC with 8 MiB L3, 25% faster than 16 MiB blocks at 8 dims and 16384
-# codes, the same at 64 dims and more; smaller blocks make the GEMM slower at wide rows)
+# the argmin that reads it (faster than 16 MiB blocks at a few dims per code, the same at 64 and more, on a 2-core
+# EPYC with 8 MiB of L3; smaller blocks slow the GEMM down at wide rows)
 _BLOCK_ELEMENTS = 1 << 20
 
 
