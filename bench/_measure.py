@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import importlib
 import multiprocessing
 import os
 import platform
@@ -192,6 +193,16 @@ def _child(send, fn, args, memory_limit: int | None) -> None:
         send.send(fn(*args))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as the case's error
         send.send({"status": "error", "note": f"{type(e).__name__}: {e}"})
+
+
+def preload(*modules: str) -> None:
+    """Import modules in the parent, so that every forked child of `isolated` inherits them instead of importing
+    them again (vaekernels takes seconds: Triton). A module that fails to import is left to the child to report."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - not installed, or built for another torch: the case says so
+            pass
 
 
 def isolated(fn, args: tuple, timeout_s: float, memory_limit: int | None = None) -> dict:

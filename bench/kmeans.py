@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     if args.iters < 1:
         parser.error("--iters must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # each case runs in forked children: they inherit what is imported here
+        _measure.preload("vaekernels", "vector_quantize_pytorch")
     sizes = QUICK_SIZES if args.quick else SIZES
     names = args.only or list(sizes)
     info = _measure.device_info(device)

@@ -124,11 +124,12 @@ def ibq(call, device: torch.device) -> None:
     """IBQ's sweep with and without the entropy, its column sums, rho, dz and dC passes with each gradient (all,
     the quantization loss alone: no entropy terms, the batch distribution alone); every column-chunk plan (D <= 64:
     one chunk; D = 100: dC in two; D = 256: P C and dz in two, dC in four), several code and row ranges, tails,
-    channel-first; float16 and bfloat16 inputs (one tf32 product for the logits)."""
+    channel-first; float16 and bfloat16 inputs (one tf32 product for the logits; on the channel-first case, the
+    cheapest under the interpreter with several code tiles)."""
     one = torch.ones((), device=device)
     cases = [((70, 8), -1, 300), ((2, 20, 3, 3), 1, 130), ((24, 100), -1, 40), ((20, 256), -1, 70)]
     for dtype in DTYPES:
-        for shape, dim, k in cases if dtype == torch.float32 else cases[:1]:
+        for shape, dim, k in cases if dtype == torch.float32 else cases[1:2]:
             g = torch.Generator().manual_seed(0)
             z = torch.randn(shape, generator=g).to(device, dtype)
             cb = torch.randn(k, shape[dim], generator=g).to(device, dtype)
