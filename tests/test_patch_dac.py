@@ -133,3 +133,29 @@ def test_class_level_patch_runs_the_residual_quantizer_as_one_node(package):
     finally:
         vk.unpatch(package)
     assert klass.forward is original
+
+
+@pytest.mark.parametrize("package", ["dac", "snac"])
+def test_residual_quantizer_under_autocast_computes_in_the_input_dtype(package):
+    """Under torch.autocast (bfloat16 on the CPU) the patched residual quantizer trains as without it: its one node
+    computes in z's dtype, where mixing autocast's products with its float32 buffers would fail."""
+    lib = audio_peers.load(package)
+
+    def build():
+        torch.manual_seed(1)
+        if package == "dac":
+            return vk.patch(lib.ResidualVectorQuantize(input_dim=DIM, n_codebooks=3, codebook_size=BINS,
+                                                       codebook_dim=8, quantizer_dropout=0.5)).train()
+        return vk.patch(lib.ResidualVectorQuantize(input_dim=DIM, codebook_size=BINS, codebook_dim=8,
+                                                   vq_strides=[2, 1])).train()
+
+    def step(autocast):
+        rvq, x = build(), torch.randn(2, DIM, 12, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = rvq(x)
+            loss = out[0].square().mean() + (out[3] + out[4] if package == "dac" else 0)
+        loss.backward()
+        return out[0], loss, x.grad, [p.grad for p in rvq.parameters() if p.grad is not None]
+
+    torch.testing.assert_close(step(True), step(False))

@@ -91,13 +91,19 @@ class _FactorizedRVQ(torch.autograd.Function):
                                                                   mask, full, distance)
         sq = torch.stack([err.square().mean((1, 2)) for err in errors])
         ctx.strides, ctx.sizes, ctx.full = strides, [cb.shape[0] for cb in codebooks], full
+        ctx.device_type = z.device.type
         ctx.save_for_backward(z, mask, *w_in, *w_out, *b_out, *projected, *errors, *indices)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*indices)
         return (quantized, sq, sq.clone(), *latents, *indices)
 
     @staticmethod
-    def backward(ctx, g_quantized, g_commit, g_codebook, *g_rest):
+    def backward(ctx, *grads):
+        with torch.autocast(ctx.device_type, enabled=False):  # as the forward: in z's dtype
+            return _FactorizedRVQ._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, g_quantized, g_commit, g_codebook, *g_rest):
         s = ctx.strides
         n = len(s)
         z, mask, *saved = ctx.saved_tensors
@@ -190,7 +196,8 @@ def factorized_residual_quantize(z: Tensor, codebooks: Sequence[Tensor], in_weig
     avgpool(residual, s_i) and repeats its output s_i times (SNAC); each must divide T. depth: [B] numbers of levels
     summed into quantized per sample (quantizer dropout; default all); every level is still searched. distance:
     "cosine" (DAC, SNAC: l2-normalised latents and codes, the unnormalised code returned) or "l2".
-    Gradients: straight-through to z and the projections; the codebooks learn from codebook_loss only.
+    Gradients: straight-through to z and the projections; the codebooks learn from codebook_loss only. Under
+    autocast the op computes in z's dtype (the weights cast to it), not in autocast's lower precision.
     """
     z = _checks.float_tensor("z", z)
     if z.dim() != 3:
@@ -232,5 +239,6 @@ def factorized_residual_quantize(z: Tensor, codebooks: Sequence[Tensor], in_weig
         mask = (levels[:, None] < depth.to(z.device)[None, :]).to(z.dtype)
     dtype = z.dtype
     params = [p if p.dtype == dtype else p.to(dtype) for p in (*w_in, *b_in, *w_out, *b_out, *cbs)]
-    out = _FactorizedRVQ.apply(z, mask, depth is None, strides, distance, *params)
+    with torch.autocast(z.device.type, enabled=False):  # in z's dtype throughout, autocast or not
+        out = _FactorizedRVQ.apply(z, mask, depth is None, strides, distance, *params)
     return ResidualVQResult(out[0], tuple(out[3 + n:]), tuple(out[3:3 + n]), out[1], out[2])
