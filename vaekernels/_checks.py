@@ -80,6 +80,18 @@ def codebook(cb, z: torch.Tensor, dim: int) -> torch.Tensor:
     return cb
 
 
+def matrix(name: str, w, rows: int | None, cols: int | None, z: torch.Tensor) -> torch.Tensor:
+    """A float [rows, cols] matrix on z's device (None: any size), or a 1x1 Conv1d weight [rows, cols, 1], squeezed."""
+    float_tensor(name, w)
+    if w.dim() == 3 and w.shape[-1] == 1:
+        w = w.squeeze(-1)
+    if w.dim() != 2 or (rows is not None and w.shape[0] != rows) or (cols is not None and w.shape[1] != cols):
+        want = f"[{rows if rows is not None else 'k'}, {cols if cols is not None else 'k'}]"
+        raise ValueError(f"{name} must be {want} (or a 1x1 Conv1d weight of that shape), got {list(w.shape)}")
+    same_device("z", z, name, w)
+    return w
+
+
 def latent(z, name: str = "z") -> torch.Tensor:
     float_tensor(name, z)
     if z.dim() == 0:

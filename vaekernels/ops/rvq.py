@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
+from ..reference.vq import gather_codes
 from .vq import nearest_code
 
 
@@ -59,9 +60,10 @@ def _forward(z, w_in, b_in, w_out, b_out, codebooks, strides, mask, full, distan
         e = F.avg_pool1d(e, s, s) if s > 1 else e
         e = e.add_(c.unsqueeze(-1))
         idx = nearest_code(e, cb, distance=distance, dim=1)
-        q = F.embedding(idx.clamp_min(0), cb).transpose(1, 2)
-        q = q.masked_fill((idx < 0).unsqueeze(1), float("nan"))  # a NaN latent gets a NaN code, never a real one
-        a = e + (q - e)
+        # the codes, NaN where the latent had NaN (index -1), never a real code
+        q = gather_codes(cb, idx.reshape(-1), cb.dtype, no_nan=False).view(*idx.shape, -1).transpose(1, 2)
+        err = e - q
+        a = e - err  # the originals' e + (q - e), bit for bit (negation is exact)
         # residual -= W_out a + b_out: the bias rides in the matmul as a column against a row of ones
         wa = torch.cat([v, d.unsqueeze(-1)], 1).expand(z.shape[0], -1, -1)
         aa = torch.cat([a, a.new_ones(a.shape[0], 1, a.shape[2])], 1)
@@ -72,7 +74,7 @@ def _forward(z, w_in, b_in, w_out, b_out, codebooks, strides, mask, full, distan
         latents.append(e)
         indices.append(idx)
         projected.append(a)
-        errors.append(e - q)
+        errors.append(err)
     # quantized = sum_i m_i (W_out_i repeat(a_i) + b_out_i): one matmul over all levels, biases as mask columns
     cols = [_repeat(a, s) if full else _repeat(a * m[:, None, None], s)
             for a, m, s in zip(projected, mask, strides)]
@@ -173,17 +175,6 @@ def _level_masks(dims: tuple[int, ...], device: torch.device) -> tuple[Tensor, T
     return level[:, None] > level[None, :], level[:, None] > torch.arange(len(dims), device=device)[None, :]
 
 
-def _matrix(name: str, w, rows: Optional[int], cols: Optional[int], z: Tensor) -> Tensor:
-    w = _checks.float_tensor(name, w)
-    if w.dim() == 3 and w.shape[-1] == 1:  # a 1x1 Conv1d's weight
-        w = w.squeeze(-1)
-    if w.dim() != 2 or (rows is not None and w.shape[0] != rows) or (cols is not None and w.shape[1] != cols):
-        want = f"[{rows if rows is not None else 'k'}, {cols if cols is not None else 'k'}]"
-        raise ValueError(f"{name} must be {want} (or a 1x1 Conv1d weight of that shape), got {list(w.shape)}")
-    _checks.same_device(name, w, "z", z)
-    return w
-
-
 def factorized_residual_quantize(z: Tensor, codebooks: Sequence[Tensor], in_weights: Sequence[Tensor],
                                  out_weights: Sequence[Tensor], in_biases: Optional[Sequence[Optional[Tensor]]] = None,
                                  out_biases: Optional[Sequence[Optional[Tensor]]] = None, *,
@@ -213,30 +204,29 @@ def factorized_residual_quantize(z: Tensor, codebooks: Sequence[Tensor], in_weig
                       ("out_biases", out_biases), ("strides", strides)):
         if len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries for {n} codebooks")
-    _checks.choice("distance", distance, ("cosine", "l2"))
+    _checks.choice("distance", distance, _checks.DISTANCES)
     if any(t % s for s in strides):
         raise ValueError(f"strides must divide z's time length {t}, got {list(strides)}")
     cbs, w_in, w_out, b_in, b_out = [], [], [], [], []
     for i in range(n):
-        cb = _matrix(f"codebooks[{i}]", codebooks[i], None, None, z)
+        cb = _checks.matrix(f"codebooks[{i}]", codebooks[i], None, None, z)
         k = cb.shape[1]
         cbs.append(cb)
-        w_in.append(_matrix(f"in_weights[{i}]", in_weights[i], k, d, z))
-        w_out.append(_matrix(f"out_weights[{i}]", out_weights[i], d, k, z))
+        w_in.append(_checks.matrix(f"in_weights[{i}]", in_weights[i], k, d, z))
+        w_out.append(_checks.matrix(f"out_weights[{i}]", out_weights[i], d, k, z))
         for name, bias, size, out in (("in_biases", in_biases[i], k, b_in), ("out_biases", out_biases[i], d, b_out)):
             if bias is None:
                 bias = z.new_zeros(size)
             elif tuple(bias.shape) != (size,):
                 raise ValueError(f"{name}[{i}] must be [{size}], got {list(bias.shape)}")
             out.append(bias)
-    levels = torch.arange(n, device=z.device)
     if depth is None:
         mask = z.new_ones(n, b)
     else:
         if not isinstance(depth, Tensor) or depth.shape != (b,):
             raise ValueError(f"depth must be a tensor of {b} per-sample level counts, got "
                              f"{list(depth.shape) if isinstance(depth, Tensor) else type(depth).__name__}")
-        mask = (levels[:, None] < depth.to(z.device)[None, :]).to(z.dtype)
+        mask = (torch.arange(n, device=z.device)[:, None] < depth.to(z.device)[None, :]).to(z.dtype)
     dtype = z.dtype
     params = [p if p.dtype == dtype else p.to(dtype) for p in (*w_in, *b_in, *w_out, *b_out, *cbs)]
     with torch.autocast(z.device.type, enabled=False):  # in z's dtype throughout, autocast or not

@@ -78,8 +78,8 @@ def _slots(idx: torch.Tensor, k: int) -> torch.Tensor:
     return idx.remainder(k + 1)
 
 
-def _gather(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, no_nan: bool) -> torch.Tensor:
-    """Codes for each index, NaN rows for -1 (there are none when `no_nan`)."""
+def gather_codes(cb: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, no_nan: bool) -> torch.Tensor:
+    """The code of each index of 1-D idx as rows, NaN rows for -1 (there are none when `no_nan`)."""
     if no_nan:
         return _f(cb, dtype).index_select(0, idx)
     return _f(cb, dtype)[idx].masked_fill_((idx < 0).unsqueeze(1), float("nan"))
@@ -141,7 +141,7 @@ def vq_backward(dq, z, codebook, indices, d_commit, d_codebook, dim, estimator):
     zr = _f(rows(z, dim), acc)
     idx = indices.reshape(-1)
     no_nan = _no_nan_indices(idx)
-    e = _gather(codebook, idx, acc, no_nan)
+    e = gather_codes(codebook, idx, acc, no_nan)
     scale = 2.0 / z.numel() if z.numel() else 0.0
     dz = None
     if dq is not None:
